@@ -1,0 +1,418 @@
+//! One client connection: its buffers and its state machine.
+//!
+//! A connection serves HTTP/1.x requests in order. A request that needs work off the reactor
+//! (a password hash, a durable write) parks the connection: nothing after it is parsed until its
+//! answer is in the write buffer, so pipelined answers can never overtake each other, and the
+//! worker serves other connections meanwhile. Closing goes through a lingering stage: the write
+//! side is shut and unread input drained for a while, so the kernel does not reset the socket
+//! and destroy an error answer the client has not read yet.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+use crate::api::{Action, Pending};
+use crate::http::{self, Parsed, Request, Response, Status, encode_response};
+use crate::server::WorkerCtx;
+
+/// Input bytes one connection may consume per wakeup before others get their turn.
+pub const READ_BUDGET: usize = 256 * 1024;
+/// Size of each read into a connection's own buffer (when a partial request is pending).
+const READ_CHUNK: usize = 16 * 1024;
+/// Write buffers larger than this are released once flushed, instead of kept for reuse.
+const KEEP_WBUF_CAPACITY: usize = 16 * 1024;
+
+/// Where a completed off-reactor job must go back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub worker: usize,
+    pub key: usize,
+    pub generation: u32,
+}
+
+/// What the worker should do with the connection after driving it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Wait for the next readiness event or completion.
+    Wait,
+    /// The read budget ran out with input still available: drive it again soon.
+    Yield,
+    /// Done: deregister and drop.
+    Close,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Http,
+    /// Write side shut; input is read and discarded until EOF or the deadline.
+    Lingering {
+        until: Instant,
+    },
+}
+
+/// One connection's state.
+pub struct Conn {
+    sock: TcpStream,
+    reply_to: ReplyTo,
+    phase: Phase,
+    /// Unparsed input: empty (and unallocated) while the connection is idle.
+    rbuf: Vec<u8>,
+    /// Unsent output, from `wpos`.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// Edge-triggered readiness not yet used up (set by events, cleared by WouldBlock).
+    can_read: bool,
+    can_write: bool,
+    /// A request waits for off-reactor work; holds its keep-alive flag.
+    parked: Option<bool>,
+    /// Close once the output is flushed.
+    close_after: bool,
+    peer_eof: bool,
+    /// When the first byte of the request now being received arrived.
+    request_started: Option<Instant>,
+    /// Last read or write progress.
+    last_active: Instant,
+}
+
+impl Conn {
+    pub fn new(sock: TcpStream, reply_to: ReplyTo, now: Instant) -> Conn {
+        Conn {
+            sock,
+            reply_to,
+            phase: Phase::Http,
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            wpos: 0,
+            can_read: true,
+            can_write: true,
+            parked: None,
+            close_after: false,
+            peer_eof: false,
+            request_started: None,
+            last_active: now,
+        }
+    }
+
+    pub fn reply_to(&self) -> ReplyTo {
+        self.reply_to
+    }
+
+    pub fn socket(&mut self) -> &mut TcpStream {
+        &mut self.sock
+    }
+
+    /// Records a readiness event.
+    pub fn ready(&mut self, readable: bool, writable: bool) {
+        self.can_read |= readable;
+        self.can_write |= writable;
+    }
+
+    fn has_output(&self) -> bool {
+        self.wpos < self.wbuf.len()
+    }
+
+    fn pending_output(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    fn can_process(&self, ctx: &WorkerCtx) -> bool {
+        matches!(self.phase, Phase::Http)
+            && self.parked.is_none()
+            && !self.close_after
+            && self.pending_output() < ctx.config.max_pending_output
+    }
+
+    /// Makes all the progress possible without blocking: write, parse, serve, read.
+    pub fn drive(&mut self, ctx: &WorkerCtx, scratch: &mut [u8]) -> Next {
+        let mut budget = READ_BUDGET;
+        loop {
+            let mut progress = false;
+            if self.has_output() && self.can_write {
+                match self.flush() {
+                    Ok(p) => progress |= p,
+                    Err(_) => return Next::Close,
+                }
+            }
+            if let Phase::Lingering { .. } = self.phase {
+                return self.linger(scratch);
+            }
+            if self.close_after && self.parked.is_none() && !self.has_output() {
+                // Everything answered: shut our side and drain theirs before closing.
+                let _ = self.sock.shutdown(Shutdown::Write);
+                self.phase = Phase::Lingering {
+                    until: ctx.now() + ctx.config.linger,
+                };
+                self.rbuf = Vec::new();
+                self.wbuf = Vec::new();
+                self.wpos = 0;
+                if self.peer_eof {
+                    return Next::Close;
+                }
+                continue;
+            }
+            if !self.rbuf.is_empty() && self.can_process(ctx) {
+                let input = std::mem::take(&mut self.rbuf);
+                let out_before = self.wbuf.len();
+                let used = self.process(ctx, &input);
+                self.rbuf = input;
+                self.rbuf.drain(..used);
+                progress |= used > 0 || self.wbuf.len() != out_before;
+            }
+            if self.can_read && !self.peer_eof && self.can_process(ctx) && budget > 0 {
+                match self.read_more(ctx, scratch) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        budget = budget.saturating_sub(n);
+                        progress = true;
+                    }
+                    Err(_) => return Next::Close,
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
+        if self.peer_eof && self.parked.is_none() && !self.has_output() {
+            // The client is gone (or half-closed with nothing complete left to answer).
+            return Next::Close;
+        }
+        if self.wbuf.capacity() > KEEP_WBUF_CAPACITY && !self.has_output() {
+            self.wbuf = Vec::new();
+            self.wpos = 0;
+        }
+        if budget == 0 && self.can_read {
+            Next::Yield
+        } else {
+            Next::Wait
+        }
+    }
+
+    /// Reads once; returns the bytes read (0 on WouldBlock or EOF, which it records).
+    fn read_more(&mut self, ctx: &WorkerCtx, scratch: &mut [u8]) -> io::Result<usize> {
+        if self.rbuf.is_empty() {
+            // The common case: nothing pending, so read into the worker's scratch buffer,
+            // serve what is complete and keep only a partial tail.
+            let n = match read(
+                &mut self.sock,
+                scratch,
+                &mut self.can_read,
+                &mut self.peer_eof,
+            )? {
+                0 => return Ok(0),
+                n => n,
+            };
+            self.last_active = ctx.now();
+            let used = self.process(ctx, &scratch[..n]);
+            self.rbuf.extend_from_slice(&scratch[used..n]);
+            Ok(n)
+        } else {
+            let len = self.rbuf.len();
+            self.rbuf.resize(len + READ_CHUNK, 0);
+            let r = read(
+                &mut self.sock,
+                &mut self.rbuf[len..],
+                &mut self.can_read,
+                &mut self.peer_eof,
+            );
+            let n = *r.as_ref().unwrap_or(&0);
+            self.rbuf.truncate(len + n);
+            if n > 0 {
+                self.last_active = ctx.now();
+            }
+            r
+        }
+    }
+
+    /// Writes buffered output; returns whether any byte went out.
+    fn flush(&mut self) -> io::Result<bool> {
+        let mut progress = false;
+        while self.has_output() {
+            match self.sock.write(&self.wbuf[self.wpos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.wpos += n;
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.can_write = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.has_output() {
+            self.wbuf.clear();
+            self.wpos = 0;
+        }
+        Ok(progress)
+    }
+
+    fn linger(&mut self, scratch: &mut [u8]) -> Next {
+        loop {
+            if !self.can_read {
+                return Next::Wait;
+            }
+            match read(
+                &mut self.sock,
+                scratch,
+                &mut self.can_read,
+                &mut self.peer_eof,
+            ) {
+                Ok(_) if self.peer_eof => return Next::Close,
+                Ok(_) => {}
+                Err(_) => return Next::Close,
+            }
+        }
+    }
+
+    /// Parses and serves complete requests from `input`; returns the bytes consumed.
+    fn process(&mut self, ctx: &WorkerCtx, input: &[u8]) -> usize {
+        let mut off = 0;
+        while self.can_process(ctx) && off < input.len() {
+            match http::parse_request(&input[off..], &ctx.limits) {
+                Ok(Parsed::Partial) => {
+                    if self.request_started.is_none() {
+                        self.request_started = Some(ctx.now());
+                    }
+                    break;
+                }
+                Ok(Parsed::Complete(req, n)) => {
+                    off += n;
+                    self.request_started = None;
+                    self.serve(ctx, &req);
+                }
+                Err(e) => {
+                    let (status, msg) = e.status_and_msg();
+                    log::debug!("closing {:?} after a bad request: {msg}", self.reply_to);
+                    self.respond(&Response::error(status, msg), true);
+                    return input.len();
+                }
+            }
+        }
+        off
+    }
+
+    fn serve(&mut self, ctx: &WorkerCtx, req: &Request<'_>) {
+        let keep_alive = req.keep_alive && !ctx.draining();
+        let action = ctx.api.handle(req);
+        self.run(ctx, action, keep_alive);
+    }
+
+    fn run(&mut self, ctx: &WorkerCtx, action: Action, keep_alive: bool) {
+        let submitted = match action {
+            Action::Respond(resp) => {
+                self.respond(&resp, !keep_alive);
+                return;
+            }
+            Action::Auth(task, pending) => ctx
+                .auth
+                .submit(task, (self.reply_to, pending))
+                .map_err(|busy| busy.0.1),
+            Action::Write(op, pending) => ctx
+                .writer
+                .submit(op, (self.reply_to, pending))
+                .map_err(|busy| busy.0.1),
+        };
+        match submitted {
+            Ok(()) => self.parked = Some(keep_alive),
+            Err(pending) => {
+                log::warn!("{} refused: work queue full", pending.kind());
+                self.respond(
+                    &Response::error(Status::ServiceUnavailable, "server busy, retry later"),
+                    !keep_alive,
+                );
+            }
+        }
+    }
+
+    /// Continues the parked request with the result of its off-reactor work.
+    pub fn resume(
+        &mut self,
+        ctx: &WorkerCtx,
+        next: impl FnOnce(Pending) -> Action,
+        pending: Pending,
+    ) {
+        let Some(keep_alive) = self.parked.take() else {
+            log::error!("completion for {:?}, which was not parked", self.reply_to);
+            return;
+        };
+        self.run(ctx, next(pending), keep_alive && !ctx.draining());
+    }
+
+    fn respond(&mut self, resp: &Response, close: bool) {
+        encode_response(&mut self.wbuf, resp.status, &resp.body, close);
+        if close {
+            self.close_after = true;
+        }
+    }
+
+    /// Applies timeouts; returns `Close` when the connection must go now.
+    pub fn check_timers(&mut self, ctx: &WorkerCtx) -> Option<Next> {
+        let now = ctx.now();
+        match self.phase {
+            Phase::Lingering { until } => (now >= until).then_some(Next::Close),
+            Phase::Http if self.parked.is_some() => None,
+            Phase::Http => {
+                if let Some(started) = self.request_started
+                    && now.duration_since(started) >= ctx.config.request_timeout
+                    && !self.close_after
+                {
+                    self.request_started = None;
+                    self.rbuf = Vec::new();
+                    self.respond(
+                        &Response::error(Status::RequestTimeout, "request not received in time"),
+                        true,
+                    );
+                    return Some(Next::Wait);
+                }
+                if now.duration_since(self.last_active) >= ctx.config.idle_timeout {
+                    return Some(Next::Close);
+                }
+                None
+            }
+        }
+    }
+
+    /// At shutdown: whether the connection can be dropped right away (nothing in flight);
+    /// otherwise it is marked to close after its current answer.
+    pub fn drain_for_shutdown(&mut self) -> bool {
+        if matches!(self.phase, Phase::Lingering { .. }) {
+            return true;
+        }
+        let idle = self.parked.is_none() && !self.has_output() && self.rbuf.is_empty();
+        if !idle && self.parked.is_none() && self.rbuf.is_empty() {
+            // Only output left: close once it is written. A parked request or a request still
+            // arriving is answered first (with `Connection: close`, as the worker is draining).
+            self.close_after = true;
+        }
+        idle
+    }
+}
+
+/// One read that turns WouldBlock and EOF into flags, so callers only see real errors.
+fn read(
+    sock: &mut TcpStream,
+    buf: &mut [u8],
+    can_read: &mut bool,
+    eof: &mut bool,
+) -> io::Result<usize> {
+    loop {
+        match sock.read(buf) {
+            Ok(0) => {
+                *eof = true;
+                *can_read = false;
+                return Ok(0);
+            }
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                *can_read = false;
+                return Ok(0);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! The server: N workers, each with its own `mio::Poll`, SO_REUSEPORT listener and slab of
+//! connections; the password pool and the store writer they hand slow work to; and shutdown.
+
+mod listener;
+mod worker;
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+use mio::{Poll, Waker};
+
+use crate::api::{Api, ApiConfig, Pending};
+use crate::auth::{AuthConfig, AuthPool, Verdict};
+use crate::config::{Config, ConfigError};
+use crate::conn::ReplyTo;
+use crate::http::Limits;
+use crate::store::{Store, StoreError, WriteOutcome, Writer, WriterConfig};
+
+/// Context carried through the password pool and the writer back to the connection.
+pub type JobCtx = (ReplyTo, Pending);
+
+/// A finished off-reactor job, delivered to the worker that owns the connection.
+pub enum Completion {
+    Auth(ReplyTo, Verdict, Pending),
+    Write(ReplyTo, WriteOutcome, Pending),
+}
+
+/// A worker's inbox: completions plus the waker that interrupts its poll.
+#[derive(Clone)]
+struct Mailbox {
+    tx: Sender<Completion>,
+    waker: Arc<Waker>,
+}
+
+/// Everything a connection needs from its worker while being driven.
+pub struct WorkerCtx {
+    pub id: usize,
+    pub config: Arc<Config>,
+    pub limits: Limits,
+    pub api: Api,
+    pub auth: AuthPool<JobCtx>,
+    pub writer: Writer<JobCtx>,
+    now: Cell<Instant>,
+    draining: Cell<bool>,
+}
+
+impl WorkerCtx {
+    /// The time at the start of this loop iteration (one clock read per wakeup).
+    pub fn now(&self) -> Instant {
+        self.now.get()
+    }
+
+    /// Shutdown has begun: answers carry `Connection: close`.
+    pub fn draining(&self) -> bool {
+        self.draining.get()
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start threads: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Asks a running server to stop; cheap to clone, usable from a signal thread.
+#[derive(Clone)]
+pub struct Stopper {
+    flag: Arc<AtomicBool>,
+    wakers: Arc<Vec<Arc<Waker>>>,
+}
+
+impl Stopper {
+    /// Begins a graceful shutdown: stop accepting, answer what is in flight, then exit.
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        for w in self.wakers.iter() {
+            if let Err(e) = w.wake() {
+                log::error!("cannot wake a worker for shutdown: {e}");
+            }
+        }
+    }
+}
+
+/// A running server.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    stopper: Stopper,
+    workers: Vec<JoinHandle<()>>,
+    writer: Option<(Writer<JobCtx>, JoinHandle<()>)>,
+    auth: Option<(AuthPool<JobCtx>, Vec<JoinHandle<()>>)>,
+    store: Option<Store>,
+}
+
+impl ServerHandle {
+    /// The address the workers listen on (the real port when port 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
+    /// Waits for the workers to finish (after [`Stopper::stop`]), then lets the writer commit
+    /// its last batch and closes the store, so the data directory can be reopened.
+    pub fn join(mut self) {
+        for w in self.workers.drain(..) {
+            if w.join().is_err() {
+                log::error!("a worker thread panicked");
+            }
+        }
+        if let Some((pool, threads)) = self.auth.take() {
+            drop(pool);
+            for t in threads {
+                let _ = t.join();
+            }
+        }
+        if let Some((writer, thread)) = self.writer.take() {
+            drop(writer);
+            if thread.join().is_err() {
+                log::error!("the writer thread panicked");
+            }
+        }
+        if let Some(store) = self.store.take() {
+            store.close();
+        }
+        log::info!("server stopped");
+    }
+
+    /// Stops and waits.
+    pub fn shutdown(self) {
+        self.stopper.stop();
+        self.join();
+    }
+}
+
+/// Starts a server with `config`; returns once every worker is listening.
+pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
+    config.validate()?;
+    let config = Arc::new(config);
+    let store = Store::open(&config.data_dir, config.map_size)?;
+
+    let mut polls = Vec::with_capacity(config.workers);
+    let mut mailboxes = Vec::with_capacity(config.workers);
+    let mut inboxes = Vec::with_capacity(config.workers);
+    for _ in 0..config.workers {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), worker::WAKER)?);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        polls.push(poll);
+        mailboxes.push(Mailbox { tx, waker });
+        inboxes.push(rx);
+    }
+    let mailboxes = Arc::new(mailboxes);
+
+    let auth_boxes = mailboxes.clone();
+    let (auth, auth_threads) = AuthPool::start(
+        AuthConfig {
+            threads: config.auth_threads,
+            queue: config.auth_queue,
+            memory_kib: config.argon2_memory_kib,
+            iterations: config.argon2_iterations,
+            max_failures: config.login_max_failures,
+            window: config.login_window,
+        },
+        Arc::new(move |verdict, (to, pending): JobCtx| {
+            let mb = &auth_boxes[to.worker];
+            if mb.tx.send(Completion::Auth(to, verdict, pending)).is_ok() {
+                let _ = mb.waker.wake();
+            }
+        }),
+    )?;
+
+    let write_boxes = mailboxes.clone();
+    let mut touched = vec![false; config.workers];
+    let (writer, writer_thread) = Writer::start(
+        store.clone(),
+        WriterConfig {
+            queue: config.write_queue,
+            max_batch: config.max_write_batch,
+        },
+        Box::new(move |outcomes: Vec<(WriteOutcome, JobCtx)>| {
+            for (outcome, (to, pending)) in outcomes {
+                if write_boxes[to.worker]
+                    .tx
+                    .send(Completion::Write(to, outcome, pending))
+                    .is_ok()
+                {
+                    touched[to.worker] = true;
+                }
+            }
+            // One wake per worker per batch, not per write.
+            for (i, t) in touched.iter_mut().enumerate() {
+                if std::mem::take(t) {
+                    let _ = write_boxes[i].waker.wake();
+                }
+            }
+        }),
+    )?;
+
+    let listeners = listener::bind_reuseport(config.listen, config.workers)?;
+    let addr = listeners[0]
+        .local_addr()
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+
+    let stopper = Stopper {
+        flag: Arc::new(AtomicBool::new(false)),
+        wakers: Arc::new(mailboxes.iter().map(|m| m.waker.clone()).collect()),
+    };
+    let open_conns = Arc::new(AtomicUsize::new(0));
+    let api_config = ApiConfig {
+        token_ttl_ms: config.token_ttl.as_millis() as u64,
+        refresh_grace_ms: config.refresh_grace.as_millis() as u64,
+        max_tokens_per_user: config.max_tokens_per_user,
+        max_teachers_page: config.max_teachers_page,
+    };
+    let limits = Limits {
+        max_head: config.max_head_bytes,
+        max_body: config.max_body_bytes,
+        max_headers: config.max_headers,
+    };
+
+    let mut workers = Vec::with_capacity(config.workers);
+    for (id, ((poll, inbox), listener)) in polls.into_iter().zip(inboxes).zip(listeners).enumerate()
+    {
+        let ctx = WorkerCtx {
+            id,
+            config: config.clone(),
+            limits,
+            api: Api::new(store.clone(), api_config),
+            auth: auth.clone(),
+            writer: writer.clone(),
+            now: Cell::new(Instant::now()),
+            draining: Cell::new(false),
+        };
+        let w = worker::Worker::new(
+            poll,
+            listener,
+            inbox,
+            ctx,
+            stopper.flag.clone(),
+            open_conns.clone(),
+        )?;
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("polyge-worker-{id}"))
+                .spawn(move || w.run())?,
+        );
+    }
+    log::info!(
+        "listening on {addr} with {} workers, data in {}",
+        config.workers,
+        config.data_dir.display()
+    );
+    Ok(ServerHandle {
+        addr,
+        stopper,
+        workers,
+        writer: Some((writer, writer_thread)),
+        auth: Some((auth, auth_threads)),
+        store: Some(store),
+    })
+}
