@@ -171,6 +171,7 @@ impl Worker {
                         key,
                         generation: self.next_gen,
                     };
+                    log::trace!("worker {}: accepted connection {key}", self.ctx.id);
                     entry.insert(Conn::new(sock, reply_to, self.ctx.now()));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -213,6 +214,7 @@ impl Worker {
 
     fn close(&mut self, key: usize) {
         if let Some(mut conn) = self.conns.try_remove(key) {
+            log::trace!("worker {}: closing connection {key}", self.ctx.id);
             let _ = self.poll.registry().deregister(conn.socket());
             self.open_conns.fetch_sub(1, Ordering::Relaxed);
         }
@@ -259,12 +261,26 @@ impl Worker {
     }
 
     fn begin_drain(&mut self) {
+        log::debug!(
+            "worker {}: draining {} connections",
+            self.ctx.id,
+            self.conns.len()
+        );
+        self.ctx.draining.set(true);
+        // Connections the kernel already completed are in flight from the client's side:
+        // closing the listener would reset them, so take them first.
+        self.accept();
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
-        self.ctx.draining.set(true);
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
+            // Read what has arrived, so a request already sent counts as in flight. Its
+            // readiness event may still be queued in the poller, so try the read regardless.
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.ready(true, true);
+            }
+            self.drive(key);
             let idle = self
                 .conns
                 .get_mut(key)

@@ -241,3 +241,32 @@ impl Reader<'_> {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_schema_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 24).unwrap();
+        let mut txn = store.env().write_txn().unwrap();
+        store
+            .dbs()
+            .meta
+            .put(&mut txn, META_SCHEMA, &99u32.to_be_bytes())
+            .unwrap();
+        txn.commit().unwrap();
+        store.close();
+        match Store::open(dir.path(), 1 << 24) {
+            Err(StoreError::Schema { found: 99 }) => {}
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a store with schema 99 was opened"),
+        }
+        // Closed cleanly: the same path can be opened again in this process.
+        assert!(matches!(
+            Store::open(dir.path(), 1 << 24),
+            Err(StoreError::Schema { .. })
+        ));
+    }
+}
