@@ -12,6 +12,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod conn;
+pub mod frame;
 pub mod http;
 pub mod server;
 pub mod store;
