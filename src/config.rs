@@ -55,6 +55,29 @@ pub const DEFAULT_MAP_SIZE: usize = 16 << 30;
 /// Most teachers in one `/show_teachers` page; `limit` is capped at this.
 pub const DEFAULT_MAX_TEACHERS_PAGE: usize = 1000;
 
+/// Largest relay frame (and WebSocket message) accepted; larger closes the connection with 1009.
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
+/// tungstenite's read buffer per WebSocket connection (its 128 KiB default would cost 12 GiB at
+/// 100k connections).
+pub const DEFAULT_WS_READ_BUFFER: usize = 4 * 1024;
+/// Frames per second one WebSocket connection may send (token bucket rate)...
+pub const DEFAULT_RATE_PER_SEC: u32 = 2_000;
+/// ...and the bucket's size (burst).
+pub const DEFAULT_RATE_BURST: u32 = 4_000;
+/// Connections one user may hold at once; a further one closes the oldest with 1008.
+pub const DEFAULT_MAX_DEVICES: usize = 8;
+/// Frames waiting in one user's offline queue at most (ERROR 8 beyond).
+pub const DEFAULT_QUEUE_MAX_FRAMES: u64 = 10_000;
+/// Bytes waiting in one user's offline queue at most (ERROR 8 beyond).
+pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 64 << 20;
+/// Unsent bytes queued for one WebSocket connection before it is treated as a slow consumer:
+/// its frames go to the offline queue and it is closed with 1013.
+pub const DEFAULT_SLOW_CONSUMER_BYTES: usize = 4 << 20;
+/// A WebSocket connection silent this long is pinged...
+pub const DEFAULT_PING_AFTER: Duration = Duration::from_secs(30);
+/// ...and closed when nothing at all arrives for this long.
+pub const DEFAULT_WS_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+
 /// Everything the server needs to run. Build it with [`Config::default`] and adjust fields.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -83,6 +106,16 @@ pub struct Config {
     pub max_write_batch: usize,
     pub map_size: usize,
     pub max_teachers_page: usize,
+    pub max_frame: usize,
+    pub ws_read_buffer: usize,
+    pub rate_per_sec: u32,
+    pub rate_burst: u32,
+    pub max_devices: usize,
+    pub queue_max_frames: u64,
+    pub queue_max_bytes: u64,
+    pub slow_consumer_bytes: usize,
+    pub ping_after: Duration,
+    pub ws_idle_timeout: Duration,
 }
 
 /// Number of worker threads by default: one per core.
@@ -120,6 +153,16 @@ impl Default for Config {
             max_write_batch: DEFAULT_MAX_WRITE_BATCH,
             map_size: DEFAULT_MAP_SIZE,
             max_teachers_page: DEFAULT_MAX_TEACHERS_PAGE,
+            max_frame: DEFAULT_MAX_FRAME,
+            ws_read_buffer: DEFAULT_WS_READ_BUFFER,
+            rate_per_sec: DEFAULT_RATE_PER_SEC,
+            rate_burst: DEFAULT_RATE_BURST,
+            max_devices: DEFAULT_MAX_DEVICES,
+            queue_max_frames: DEFAULT_QUEUE_MAX_FRAMES,
+            queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
+            slow_consumer_bytes: DEFAULT_SLOW_CONSUMER_BYTES,
+            ping_after: DEFAULT_PING_AFTER,
+            ws_idle_timeout: DEFAULT_WS_IDLE_TIMEOUT,
         }
     }
 }
@@ -170,6 +213,29 @@ impl Config {
         }
         if self.map_size < (1 << 20) {
             return bad("--map-size must be at least 1 MiB");
+        }
+        if self.max_frame < crate::frame::MIN_FRAME || self.max_frame > (16 << 20) {
+            return bad("--max-frame must be between 29 bytes and 16 MiB");
+        }
+        if self.ws_read_buffer < 256 || self.ws_read_buffer > 64 * 1024 {
+            return bad("--ws-read-buffer must be between 256 bytes and 64 KiB");
+        }
+        if self.rate_per_sec == 0 || self.rate_burst == 0 {
+            return bad("--rate-per-sec and --rate-burst must be at least 1");
+        }
+        if self.max_devices == 0 {
+            return bad("--max-devices must be at least 1");
+        }
+        if self.queue_max_frames == 0 || self.queue_max_bytes < self.max_frame as u64 {
+            return bad(
+                "--queue-max-frames must be at least 1 and --queue-max-bytes at least --max-frame",
+            );
+        }
+        if self.slow_consumer_bytes < self.max_frame {
+            return bad("--slow-consumer-bytes must be at least --max-frame");
+        }
+        if self.ping_after.is_zero() || self.ws_idle_timeout <= self.ping_after {
+            return bad("--ws-idle-timeout must be longer than --ping-after");
         }
         if self.max_teachers_page == 0 {
             return bad("--max-teachers-page must be at least 1");

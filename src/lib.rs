@@ -14,8 +14,10 @@ pub mod config;
 pub mod conn;
 pub mod frame;
 pub mod http;
+pub mod relay;
 pub mod server;
 pub mod store;
+pub mod ws;
 
 pub use config::Config;
 pub use server::{ServerHandle, Stopper, start};

@@ -90,6 +90,37 @@ struct Cli {
     /// Most teachers in one /show_teachers page.
     #[arg(long, default_value_t = config::DEFAULT_MAX_TEACHERS_PAGE)]
     max_teachers_page: usize,
+    /// Largest relay frame in bytes (a larger WebSocket message closes with 1009).
+    #[arg(long, default_value_t = config::DEFAULT_MAX_FRAME)]
+    max_frame: usize,
+    /// Read buffer per WebSocket connection in bytes.
+    #[arg(long, default_value_t = config::DEFAULT_WS_READ_BUFFER)]
+    ws_read_buffer: usize,
+    /// Frames per second one WebSocket connection may send (ERROR 7 beyond).
+    #[arg(long, default_value_t = config::DEFAULT_RATE_PER_SEC)]
+    rate_per_sec: u32,
+    /// Burst of frames allowed above the rate.
+    #[arg(long, default_value_t = config::DEFAULT_RATE_BURST)]
+    rate_burst: u32,
+    /// WebSocket connections per user; a further one closes the oldest with 1008.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_DEVICES)]
+    max_devices: usize,
+    /// Frames in one user's offline queue (ERROR 8 beyond).
+    #[arg(long, default_value_t = config::DEFAULT_QUEUE_MAX_FRAMES)]
+    queue_max_frames: u64,
+    /// Bytes in one user's offline queue (ERROR 8 beyond).
+    #[arg(long, default_value_t = config::DEFAULT_QUEUE_MAX_BYTES)]
+    queue_max_bytes: u64,
+    /// Unsent bytes for one WebSocket connection before it is closed with 1013 and its frames
+    /// stored.
+    #[arg(long, default_value_t = config::DEFAULT_SLOW_CONSUMER_BYTES)]
+    slow_consumer_bytes: usize,
+    /// Ping a WebSocket connection silent this long.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    ping_after: Duration,
+    /// Close a WebSocket connection from which nothing arrived for this long.
+    #[arg(long, default_value = "75s", value_parser = humantime::parse_duration)]
+    ws_idle_timeout: Duration,
 }
 
 impl Cli {
@@ -120,6 +151,16 @@ impl Cli {
             max_write_batch: self.max_write_batch,
             map_size: self.map_size,
             max_teachers_page: self.max_teachers_page,
+            max_frame: self.max_frame,
+            ws_read_buffer: self.ws_read_buffer,
+            rate_per_sec: self.rate_per_sec,
+            rate_burst: self.rate_burst,
+            max_devices: self.max_devices,
+            queue_max_frames: self.queue_max_frames,
+            queue_max_bytes: self.queue_max_bytes,
+            slow_consumer_bytes: self.slow_consumer_bytes,
+            ping_after: self.ping_after,
+            ws_idle_timeout: self.ws_idle_timeout,
         }
     }
 }

@@ -41,7 +41,9 @@ pub enum Pending {
     /// Waiting for the account to be committed.
     Registering,
     Login(Box<LoginInfo>),
-    Logout,
+    Logout {
+        token_hash: [u8; 32],
+    },
     Refresh {
         client_id: String,
         old_hash: [u8; 32],
@@ -60,6 +62,15 @@ pub struct LoginInfo {
     pub gender: u8,
     pub user_type: u8,
     pub token: String,
+}
+
+/// A WebSocket upgrade that may proceed: whose connection it is and under which token.
+#[derive(Debug, Clone)]
+pub struct WsGrant {
+    pub uid: u64,
+    pub token_hash: [u8; 32],
+    /// `acks=1`: the client wants an ACK frame for each frame it sends.
+    pub acks: bool,
 }
 
 /// The endpoints, over one store handle (each worker has its own `Api`).
@@ -336,12 +347,13 @@ impl Api {
 
     fn logout(&self, params: &Params<'_>, bearer: Option<&str>) -> Action {
         match Self::token_param(params, bearer).filter(|t| auth::token::well_formed(t)) {
-            Some(token) => Action::Write(
-                WriteOp::Revoke {
-                    token_hash: auth::token::hash(token),
-                },
-                Pending::Logout,
-            ),
+            Some(token) => {
+                let token_hash = auth::token::hash(token);
+                Action::Write(
+                    WriteOp::Revoke { token_hash },
+                    Pending::Logout { token_hash },
+                )
+            }
             None => Action::Respond(logout_ok()),
         }
     }
@@ -448,6 +460,48 @@ impl Api {
         }
     }
 
+    /// Checks the token of a `/wsconn` upgrade (query `token` or `Authorization: Bearer`).
+    pub fn authorize_ws(&self, req: &Request<'_>) -> Result<WsGrant, Response> {
+        let params = Params::decode(req.query, None).map_err(bad_params)?;
+        let token = Self::token_param(&params, req.bearer)
+            .filter(|t| auth::token::well_formed(t))
+            .ok_or_else(invalid_token)?;
+        let token_hash = auth::token::hash(token);
+        let record = self
+            .store
+            .read()
+            .and_then(|r| r.token(&token_hash))
+            .map_err(|e| {
+                log::error!("read failed: {e}");
+                Response::error(Status::InternalError, MSG_STORAGE)
+            })?;
+        match record {
+            Some(r) if r.is_live(now_ms()) => Ok(WsGrant {
+                uid: r.uid,
+                token_hash,
+                acks: params.get("acks") == Some("1"),
+            }),
+            _ => Err(invalid_token()),
+        }
+    }
+
+    /// Tokens a committed write revoked, with their owners: their WebSocket connections must
+    /// be closed (logout, refresh, the per-user token limit).
+    pub fn revoked_tokens(outcome: &WriteOutcome, pending: &Pending) -> Vec<(u64, [u8; 32])> {
+        match (outcome, pending) {
+            (WriteOutcome::Revoked { uid: Some(uid) }, Pending::Logout { token_hash }) => {
+                vec![(*uid, *token_hash)]
+            }
+            (WriteOutcome::Refreshed { uid }, Pending::Refresh { old_hash, .. }) => {
+                vec![(*uid, *old_hash)]
+            }
+            (WriteOutcome::TokenIssued { uid, revoked }, _) => {
+                revoked.iter().map(|h| (*uid, *h)).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// Continues a request after its password job.
     pub fn after_auth(&self, verdict: Verdict, pending: Pending) -> Action {
         match (verdict, pending) {
@@ -526,7 +580,7 @@ impl Api {
             (WriteOutcome::NoSuchUser, Pending::Login(_)) => {
                 respond(result_failure("user not found"))
             }
-            (WriteOutcome::Revoked { .. }, Pending::Logout) => respond(logout_ok()),
+            (WriteOutcome::Revoked { .. }, Pending::Logout { .. }) => respond(logout_ok()),
             (WriteOutcome::Refreshed { .. }, Pending::Refresh { token, .. }) => {
                 respond(json(&WithResult {
                     success: true,
@@ -575,7 +629,7 @@ impl Pending {
         match self {
             Pending::Register(_) | Pending::Registering => "register",
             Pending::Login(_) => "login",
-            Pending::Logout => "logout",
+            Pending::Logout { .. } => "logout",
             Pending::Refresh { .. } => "refresh_token",
             Pending::UpdateProfile => "update_profile",
         }

@@ -13,9 +13,10 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
-use crate::api::{Action, Pending};
+use crate::api::{Action, Pending, WsGrant};
 use crate::http::{self, Parsed, Request, Response, Status, encode_response};
-use crate::server::WorkerCtx;
+use crate::server::{JobCtx, WorkerCtx};
+use crate::ws::{self, Out, WsSession};
 
 /// Input bytes one connection may consume per wakeup before others get their turn.
 pub const READ_BUDGET: usize = 256 * 1024;
@@ -41,15 +42,17 @@ pub enum Next {
     Yield,
     /// Done: deregister and drop.
     Close,
+    /// The 101 answer is written: hand the socket to the WebSocket stage.
+    Upgrade,
 }
 
-#[derive(Debug)]
 enum Phase {
     Http,
     /// Write side shut; input is read and discarded until EOF or the deadline.
     Lingering {
         until: Instant,
     },
+    WebSocket(Box<WsSession>),
 }
 
 /// One connection's state.
@@ -74,6 +77,8 @@ pub struct Conn {
     request_started: Option<Instant>,
     /// Last read or write progress.
     last_active: Instant,
+    /// An accepted upgrade waiting for its 101 to be written.
+    upgrade: Option<WsGrant>,
 }
 
 impl Conn {
@@ -92,6 +97,65 @@ impl Conn {
             peer_eof: false,
             request_started: None,
             last_active: now,
+            upgrade: None,
+        }
+    }
+
+    /// A connection that arrives already upgraded (handed over by another worker).
+    pub fn adopted(sock: TcpStream, reply_to: ReplyTo, session: WsSession, now: Instant) -> Conn {
+        let mut c = Conn::new(sock, reply_to, now);
+        c.phase = Phase::WebSocket(Box::new(session));
+        c
+    }
+
+    /// After [`Next::Upgrade`]: the grant and the bytes that followed the upgrade request.
+    pub fn take_upgrade(&mut self) -> Option<(WsGrant, Vec<u8>)> {
+        let grant = self.upgrade.take()?;
+        Some((grant, std::mem::take(&mut self.rbuf)))
+    }
+
+    /// Turns this connection into a WebSocket session in place.
+    pub fn become_ws(&mut self, session: WsSession) {
+        self.phase = Phase::WebSocket(Box::new(session));
+        self.rbuf = Vec::new();
+        self.wbuf = Vec::new();
+        self.wpos = 0;
+    }
+
+    /// Gives the socket up (to move it to another worker).
+    pub fn into_socket(self) -> TcpStream {
+        self.sock
+    }
+
+    pub fn session(&self) -> Option<&WsSession> {
+        match &self.phase {
+            Phase::WebSocket(ws) => Some(ws),
+            _ => None,
+        }
+    }
+
+    /// Hands a frame to this connection's WebSocket session (or back to the relay if it has
+    /// none any more).
+    pub fn push_out(&mut self, out: Out, ctx: &WorkerCtx) {
+        match &mut self.phase {
+            Phase::WebSocket(ws) => ws.push(out, ctx),
+            _ => drop(out),
+        }
+    }
+
+    /// Closes the WebSocket with 1008 (revoked token, device limit).
+    pub fn policy_close(&mut self, ctx: &WorkerCtx, reason: &'static str) {
+        let me = self.reply_to;
+        if let Phase::WebSocket(ws) = &mut self.phase {
+            ws.policy_close(&mut self.sock, ctx, me, reason);
+        }
+    }
+
+    /// The connection is being dropped: a WebSocket session returns its unsent frames.
+    pub fn on_close(&mut self, ctx: &WorkerCtx) {
+        let me = self.reply_to;
+        if let Phase::WebSocket(ws) = &mut self.phase {
+            ws.leave(ctx, me);
         }
     }
 
@@ -120,12 +184,16 @@ impl Conn {
     fn can_process(&self, ctx: &WorkerCtx) -> bool {
         matches!(self.phase, Phase::Http)
             && self.parked.is_none()
+            && self.upgrade.is_none()
             && !self.close_after
             && self.pending_output() < ctx.config.max_pending_output
     }
 
     /// Makes all the progress possible without blocking: write, parse, serve, read.
     pub fn drive(&mut self, ctx: &WorkerCtx, scratch: &mut [u8]) -> Next {
+        if let Phase::WebSocket(ws) = &mut self.phase {
+            return ws.drive(&mut self.sock, ctx, self.reply_to);
+        }
         let mut budget = READ_BUDGET;
         loop {
             let mut progress = false;
@@ -173,6 +241,9 @@ impl Conn {
             if !progress {
                 break;
             }
+        }
+        if self.upgrade.is_some() && !self.has_output() {
+            return Next::Upgrade;
         }
         if self.peer_eof && self.parked.is_none() && !self.has_output() {
             // The client is gone (or half-closed with nothing complete left to answer).
@@ -296,9 +367,36 @@ impl Conn {
     }
 
     fn serve(&mut self, ctx: &WorkerCtx, req: &Request<'_>) {
+        if req.path == ws::PATH {
+            return self.upgrade(ctx, req);
+        }
         let keep_alive = req.keep_alive && !ctx.draining();
         let action = ctx.api.handle(req);
         self.run(ctx, action, keep_alive);
+    }
+
+    /// `GET /wsconn`: a valid handshake with a live token gets 101; the rest of the input then
+    /// belongs to the WebSocket stream.
+    fn upgrade(&mut self, ctx: &WorkerCtx, req: &Request<'_>) {
+        if ctx.draining() {
+            return self.respond(
+                &Response::error(Status::ServiceUnavailable, "server shutting down"),
+                true,
+            );
+        }
+        let accept = match ws::check_upgrade(req) {
+            Ok(a) => a,
+            Err(ws::BadUpgrade(status, msg)) => {
+                return self.respond(&Response::error(status, msg), true);
+            }
+        };
+        match ctx.api.authorize_ws(req) {
+            Ok(grant) => {
+                ws::accept_response(&mut self.wbuf, &accept);
+                self.upgrade = Some(grant);
+            }
+            Err(resp) => self.respond(&resp, true),
+        }
     }
 
     fn run(&mut self, ctx: &WorkerCtx, action: Action, keep_alive: bool) {
@@ -313,8 +411,11 @@ impl Conn {
                 .map_err(|busy| busy.0.1),
             Action::Write(op, pending) => ctx
                 .writer
-                .submit(op, (self.reply_to, pending))
-                .map_err(|busy| busy.0.1),
+                .submit(op, JobCtx::Http(self.reply_to, pending))
+                .map_err(|busy| match busy.0 {
+                    JobCtx::Http(_, pending) => pending,
+                    JobCtx::Relay(..) => unreachable!("submitted as HTTP"),
+                }),
         };
         match submitted {
             Ok(()) => self.parked = Some(keep_alive),
@@ -353,6 +454,7 @@ impl Conn {
     pub fn check_timers(&mut self, ctx: &WorkerCtx) -> Option<Next> {
         let now = ctx.now();
         match self.phase {
+            Phase::WebSocket(ref mut ws) => ws.check_timers(&mut self.sock, ctx, self.reply_to),
             Phase::Lingering { until } => (now >= until).then_some(Next::Close),
             Phase::Http if self.parked.is_some() => None,
             Phase::Http => {
@@ -378,9 +480,14 @@ impl Conn {
 
     /// At shutdown: whether the connection can be dropped right away (nothing in flight);
     /// otherwise it is marked to close after its current answer.
-    pub fn drain_for_shutdown(&mut self) -> bool {
-        if matches!(self.phase, Phase::Lingering { .. }) {
-            return true;
+    pub fn drain_for_shutdown(&mut self, ctx: &WorkerCtx) -> bool {
+        match &mut self.phase {
+            Phase::Lingering { .. } => return true,
+            Phase::WebSocket(ws) => {
+                ws.shutdown(&mut self.sock, ctx, self.reply_to);
+                return false;
+            }
+            Phase::Http => {}
         }
         let idle = self.parked.is_none() && !self.has_output() && self.rbuf.is_empty();
         if !idle && self.parked.is_none() && self.rbuf.is_empty() {

@@ -138,7 +138,14 @@ pub fn encode(out: &mut Vec<u8>, uid: u64, target: u64, msg_type: u8, timestamp:
 }
 
 /// An ACK frame for the connection of `to`.
-pub fn encode_ack(out: &mut Vec<u8>, to: u64, now_ms: u64, status: u8, acked_ts: u64, acked_crc: u32) {
+pub fn encode_ack(
+    out: &mut Vec<u8>,
+    to: u64,
+    now_ms: u64,
+    status: u8,
+    acked_ts: u64,
+    acked_crc: u32,
+) {
     let mut data = [0u8; 13];
     data[0] = status;
     data[1..9].copy_from_slice(&acked_ts.to_be_bytes());
@@ -188,7 +195,10 @@ mod tests {
             let mut out = Vec::new();
             encode(&mut out, u64::MAX, 1, 2, 7, &data);
             let f = Frame::parse(&out).unwrap();
-            assert_eq!((f.uid(), f.target(), f.msg_type(), f.timestamp()), (u64::MAX, 1, 2, 7));
+            assert_eq!(
+                (f.uid(), f.target(), f.msg_type(), f.timestamp()),
+                (u64::MAX, 1, 2, 7)
+            );
             assert_eq!(f.data(), &data[..]);
         }
     }
@@ -202,7 +212,11 @@ mod tests {
         for i in 0..SEED.len() {
             let mut bad = SEED;
             bad[i] ^= 0x01;
-            assert_eq!(Frame::parse(&bad), Err(FrameError::BadCrc), "flipped byte {i}");
+            assert_eq!(
+                Frame::parse(&bad),
+                Err(FrameError::BadCrc),
+                "flipped byte {i}"
+            );
         }
         assert_eq!(crc_field(&SEED), 0x4899_98ce);
     }
@@ -210,14 +224,31 @@ mod tests {
     #[test]
     fn server_frames() {
         let mut out = Vec::new();
-        encode_ack(&mut out, 9, 1000, ack_status::STORED, 1_435_473_323, 0x4899_98ce);
+        encode_ack(
+            &mut out,
+            9,
+            1000,
+            ack_status::STORED,
+            1_435_473_323,
+            0x4899_98ce,
+        );
         let f = Frame::parse(&out).unwrap();
-        assert_eq!((f.uid(), f.target(), f.msg_type(), f.timestamp()), (0, 9, msg_type::ACK, 1000));
+        assert_eq!(
+            (f.uid(), f.target(), f.msg_type(), f.timestamp()),
+            (0, 9, msg_type::ACK, 1000)
+        );
         assert_eq!(f.data()[0], ack_status::STORED);
         assert_eq!(&f.data()[1..9], &1_435_473_323u64.to_be_bytes());
         assert_eq!(&f.data()[9..], &0x4899_98ceu32.to_be_bytes());
         out.clear();
-        encode_error(&mut out, 9, 1000, error_code::BAD_CRC, 0xdead_beef, "bad CRC");
+        encode_error(
+            &mut out,
+            9,
+            1000,
+            error_code::BAD_CRC,
+            0xdead_beef,
+            "bad CRC",
+        );
         let f = Frame::parse(&out).unwrap();
         assert_eq!(f.msg_type(), msg_type::ERROR);
         assert_eq!(f.data()[0], error_code::BAD_CRC);

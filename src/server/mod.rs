@@ -4,7 +4,8 @@
 mod listener;
 mod worker;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,15 +20,28 @@ use crate::auth::{AuthConfig, AuthPool, Verdict};
 use crate::config::{Config, ConfigError};
 use crate::conn::ReplyTo;
 use crate::http::Limits;
-use crate::store::{Store, StoreError, WriteOutcome, Writer, WriterConfig};
+use crate::relay::{Effect, KNOWN_UIDS_CACHE, RelayJob, RelayMsg};
+use crate::store::{QueueLimits, Store, StoreError, WriteOutcome, Writer, WriterConfig};
+use crate::ws::SessionConfig;
 
-/// Context carried through the password pool and the writer back to the connection.
-pub type JobCtx = (ReplyTo, Pending);
+/// Context carried through the password pool back to the connection.
+pub type AuthCtx = (ReplyTo, Pending);
 
-/// A finished off-reactor job, delivered to the worker that owns the connection.
+/// Context carried through the writer back to the worker that asked.
+pub enum JobCtx {
+    /// An HTTP request's write.
+    Http(ReplyTo, Pending),
+    /// A relay write (offline queue) of the user owned by this worker.
+    Relay(usize, RelayJob),
+}
+
+/// Something for a worker from another thread.
 pub enum Completion {
     Auth(ReplyTo, Verdict, Pending),
     Write(ReplyTo, WriteOutcome, Pending),
+    RelayWrite(RelayJob, WriteOutcome),
+    /// A batch from another worker, in that worker's order.
+    Relay(Vec<RelayMsg>),
 }
 
 /// A worker's inbox: completions plus the waker that interrupts its poll.
@@ -40,13 +54,18 @@ struct Mailbox {
 /// Everything a connection needs from its worker while being driven.
 pub struct WorkerCtx {
     pub id: usize,
+    pub workers: usize,
     pub config: Arc<Config>,
     pub limits: Limits,
+    pub session: SessionConfig,
+    pub queue_limits: QueueLimits,
     pub api: Api,
-    pub auth: AuthPool<JobCtx>,
+    pub auth: AuthPool<AuthCtx>,
     pub writer: Writer<JobCtx>,
     now: Cell<Instant>,
     draining: Cell<bool>,
+    effects: RefCell<Vec<Effect>>,
+    registered: RefCell<HashSet<u64>>,
 }
 
 impl WorkerCtx {
@@ -58,6 +77,38 @@ impl WorkerCtx {
     /// Shutdown has begun: answers carry `Connection: close`.
     pub fn draining(&self) -> bool {
         self.draining.get()
+    }
+
+    /// Queues relay work for the worker (done once the connection is no longer borrowed).
+    pub fn effect(&self, e: Effect) {
+        self.effects.borrow_mut().push(e);
+    }
+
+    fn take_effects(&self) -> Vec<Effect> {
+        std::mem::take(&mut *self.effects.borrow_mut())
+    }
+
+    /// Whether `uid` is a registered user. Users are never deleted, so positive answers are
+    /// cached per worker; negative ones are asked again (the user may register).
+    pub fn is_registered(&self, uid: u64) -> bool {
+        if self.registered.borrow().contains(&uid) {
+            return true;
+        }
+        let exists = match self.api.store().read().and_then(|r| r.user_exists(uid)) {
+            Ok(e) => e,
+            Err(e) => {
+                log::error!("read failed: {e}");
+                false
+            }
+        };
+        if exists {
+            let mut known = self.registered.borrow_mut();
+            if known.len() >= KNOWN_UIDS_CACHE {
+                known.clear();
+            }
+            known.insert(uid);
+        }
+        exists
     }
 }
 
@@ -102,7 +153,7 @@ pub struct ServerHandle {
     stopper: Stopper,
     workers: Vec<JoinHandle<()>>,
     writer: Option<(Writer<JobCtx>, JoinHandle<()>)>,
-    auth: Option<(AuthPool<JobCtx>, Vec<JoinHandle<()>>)>,
+    auth: Option<(AuthPool<AuthCtx>, Vec<JoinHandle<()>>)>,
     store: Option<Store>,
 }
 
@@ -178,7 +229,7 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
             max_failures: config.login_max_failures,
             window: config.login_window,
         },
-        Arc::new(move |verdict, (to, pending): JobCtx| {
+        Arc::new(move |verdict, (to, pending): AuthCtx| {
             let mb = &auth_boxes[to.worker];
             if mb.tx.send(Completion::Auth(to, verdict, pending)).is_ok() {
                 let _ = mb.waker.wake();
@@ -195,13 +246,15 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
             max_batch: config.max_write_batch,
         },
         Box::new(move |outcomes: Vec<(WriteOutcome, JobCtx)>| {
-            for (outcome, (to, pending)) in outcomes {
-                if write_boxes[to.worker]
-                    .tx
-                    .send(Completion::Write(to, outcome, pending))
-                    .is_ok()
-                {
-                    touched[to.worker] = true;
+            for (outcome, ctx) in outcomes {
+                let (worker, done) = match ctx {
+                    JobCtx::Http(to, pending) => {
+                        (to.worker, Completion::Write(to, outcome, pending))
+                    }
+                    JobCtx::Relay(worker, job) => (worker, Completion::RelayWrite(job, outcome)),
+                };
+                if write_boxes[worker].tx.send(done).is_ok() {
+                    touched[worker] = true;
                 }
             }
             // One wake per worker per batch, not per write.
@@ -238,31 +291,64 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
         max_headers: config.max_headers,
     };
 
+    let session = SessionConfig {
+        max_frame: config.max_frame,
+        read_buffer: config.ws_read_buffer,
+        rate_per_sec: config.rate_per_sec,
+        rate_burst: config.rate_burst,
+        slow_consumer_bytes: config.slow_consumer_bytes,
+        linger: config.linger,
+        ping_after: config.ping_after,
+        idle_timeout: config.ws_idle_timeout,
+    };
+    let queue_limits = QueueLimits {
+        max_frames: config.queue_max_frames,
+        max_bytes: config.queue_max_bytes,
+    };
+    let shared = worker::Shared {
+        stop: stopper.flag.clone(),
+        open_conns,
+        draining_workers: Arc::new(AtomicUsize::new(0)),
+        mailboxes: mailboxes
+            .iter()
+            .map(|m| (m.tx.clone(), m.waker.clone()))
+            .collect(),
+    };
+
     let mut workers = Vec::with_capacity(config.workers);
     for (id, ((poll, inbox), listener)) in polls.into_iter().zip(inboxes).zip(listeners).enumerate()
     {
-        let ctx = WorkerCtx {
-            id,
-            config: config.clone(),
-            limits,
-            api: Api::new(store.clone(), api_config),
-            auth: auth.clone(),
-            writer: writer.clone(),
-            now: Cell::new(Instant::now()),
-            draining: Cell::new(false),
-        };
-        let w = worker::Worker::new(
-            poll,
-            listener,
-            inbox,
-            ctx,
-            stopper.flag.clone(),
-            open_conns.clone(),
-        )?;
+        let config = config.clone();
+        let api = Api::new(store.clone(), api_config);
+        let auth = auth.clone();
+        let writer = writer.clone();
+        let shared = shared.clone();
+        // The worker is built on its own thread: its connections hold thread-local reference
+        // counts and never leave it.
         workers.push(
             std::thread::Builder::new()
                 .name(format!("polyge-worker-{id}"))
-                .spawn(move || w.run())?,
+                .spawn(move || {
+                    let ctx = WorkerCtx {
+                        id,
+                        workers: config.workers,
+                        limits,
+                        session,
+                        queue_limits,
+                        api,
+                        auth,
+                        writer,
+                        config,
+                        now: Cell::new(Instant::now()),
+                        draining: Cell::new(false),
+                        effects: RefCell::new(Vec::new()),
+                        registered: RefCell::new(HashSet::new()),
+                    };
+                    match worker::Worker::new(poll, listener, inbox, ctx, shared) {
+                        Ok(w) => w.run(),
+                        Err(e) => log::error!("worker {id} cannot start: {e}"),
+                    }
+                })?,
         );
     }
     log::info!(

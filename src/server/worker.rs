@@ -1,18 +1,30 @@
 //! One worker: a mio event loop over its own listener, connections and inbox. Nothing here
-//! blocks; password checks and writes are handed off and come back through the inbox.
+//! blocks; password checks and writes are handed off and come back through the inbox, and so do
+//! frames and connections from other workers.
 
+use std::cell::Cell;
 use std::io;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use super::{Completion, WorkerCtx};
+use super::{Completion, JobCtx, WorkerCtx};
+use crate::api::Api;
 use crate::conn::{Conn, Next, ReplyTo};
+use crate::frame::{self, error_code};
+use crate::relay::{
+    self, Adopt, DRAIN_BATCH_BYTES, DRAIN_BATCH_FRAMES, Effect, FanOut, Mode, Origin, Relay,
+    RelayJob, RelayMsg, SenderRef,
+};
+use crate::store::{WriteOp, WriteOutcome};
+use crate::ws::{self, Out, WsSession};
 
 pub(super) const LISTENER: Token = Token(usize::MAX - 1);
 pub(super) const WAKER: Token = Token(usize::MAX - 2);
@@ -26,17 +38,30 @@ const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 /// "Connection limit reached" is logged at most this often per worker.
 const FULL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// State shared by all workers.
+#[derive(Clone)]
+pub(super) struct Shared {
+    pub stop: Arc<AtomicBool>,
+    pub open_conns: Arc<AtomicUsize>,
+    /// Workers that have begun draining; a worker exits only when all have, so no frame is
+    /// sent to a worker that is gone.
+    pub draining_workers: Arc<AtomicUsize>,
+    pub mailboxes: Vec<(Sender<Completion>, Arc<Waker>)>,
+}
+
 pub(super) struct Worker {
     poll: Poll,
     listener: Option<TcpListener>,
     inbox: Receiver<Completion>,
     ctx: WorkerCtx,
-    stop: Arc<AtomicBool>,
-    open_conns: Arc<AtomicUsize>,
+    shared: Shared,
     conns: Slab<Conn>,
+    relay: Relay,
     scratch: Vec<u8>,
     next_gen: u32,
     yielded: Vec<usize>,
+    /// Connections with new output to write before the next poll.
+    dirty: Vec<usize>,
     sweep_every: Duration,
     last_full_log: Option<Instant>,
 }
@@ -47,8 +72,7 @@ impl Worker {
         mut listener: TcpListener,
         inbox: Receiver<Completion>,
         ctx: WorkerCtx,
-        stop: Arc<AtomicBool>,
-        open_conns: Arc<AtomicUsize>,
+        shared: Shared,
     ) -> io::Result<Worker> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -58,13 +82,14 @@ impl Worker {
             poll,
             listener: Some(listener),
             inbox,
+            relay: Relay::new(ctx.workers),
             ctx,
-            stop,
-            open_conns,
+            shared,
             conns: Slab::new(),
             scratch: vec![0; SCRATCH_BYTES],
             next_gen: 0,
             yielded: Vec::new(),
+            dirty: Vec::new(),
             sweep_every,
             last_full_log: None,
         })
@@ -109,21 +134,30 @@ impl Worker {
                     self.drive(key);
                 }
             }
+            self.settle();
             let now = self.ctx.now();
-            if drain_deadline.is_none() && self.stop.load(Ordering::SeqCst) {
+            if drain_deadline.is_none() && self.shared.stop.load(Ordering::SeqCst) {
                 drain_deadline = Some(now + self.ctx.config.shutdown_grace);
                 self.begin_drain();
             }
             if let Some(deadline) = drain_deadline
                 && (self.conns.is_empty() || now >= deadline)
+                && self.shared.draining_workers.load(Ordering::SeqCst) == self.ctx.workers
             {
                 break;
             }
             if now.duration_since(last_sweep) >= self.sweep_every {
                 last_sweep = now;
                 self.sweep();
+                self.settle();
             }
         }
+        self.finish();
+    }
+
+    /// Last steps at shutdown: drop what is left (unsent frames go to the offline queue),
+    /// take what other workers sent before they stopped, hand the writes to the writer.
+    fn finish(&mut self) {
         let left = self.conns.len();
         if left > 0 {
             log::warn!(
@@ -131,10 +165,12 @@ impl Worker {
                 self.ctx.id
             );
         }
-        for conn in self.conns.drain() {
-            drop(conn);
-            self.open_conns.fetch_sub(1, Ordering::Relaxed);
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close(key);
         }
+        self.completions();
+        self.settle();
     }
 
     fn accept(&mut self) {
@@ -143,10 +179,10 @@ impl Worker {
                 return;
             };
             match listener.accept() {
-                Ok((mut sock, _peer)) => {
+                Ok((sock, _peer)) => {
                     let max = self.ctx.config.max_connections;
-                    if self.open_conns.fetch_add(1, Ordering::Relaxed) >= max {
-                        self.open_conns.fetch_sub(1, Ordering::Relaxed);
+                    if self.shared.open_conns.fetch_add(1, Ordering::Relaxed) >= max {
+                        self.shared.open_conns.fetch_sub(1, Ordering::Relaxed);
                         drop(sock);
                         self.log_full();
                         continue;
@@ -154,25 +190,9 @@ impl Worker {
                     if let Err(e) = sock.set_nodelay(true) {
                         log::debug!("TCP_NODELAY: {e}");
                     }
-                    let entry = self.conns.vacant_entry();
-                    let key = entry.key();
-                    if let Err(e) = self.poll.registry().register(
-                        &mut sock,
-                        Token(key),
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
-                        log::error!("cannot register a connection: {e}");
-                        self.open_conns.fetch_sub(1, Ordering::Relaxed);
-                        continue;
+                    if self.insert(sock, Conn::new).is_none() {
+                        self.shared.open_conns.fetch_sub(1, Ordering::Relaxed);
                     }
-                    self.next_gen = self.next_gen.wrapping_add(1);
-                    let reply_to = ReplyTo {
-                        worker: self.ctx.id,
-                        key,
-                        generation: self.next_gen,
-                    };
-                    log::trace!("worker {}: accepted connection {key}", self.ctx.id);
-                    entry.insert(Conn::new(sock, reply_to, self.ctx.now()));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -185,6 +205,32 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Registers a socket and stores its connection; returns its slab key.
+    fn insert(
+        &mut self,
+        mut sock: mio::net::TcpStream,
+        make: impl FnOnce(mio::net::TcpStream, ReplyTo, Instant) -> Conn,
+    ) -> Option<usize> {
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut sock,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::error!("cannot register a connection: {e}");
+            return None;
+        }
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let reply_to = ReplyTo {
+            worker: self.ctx.id,
+            key,
+            generation: self.next_gen,
+        };
+        entry.insert(make(sock, reply_to, self.ctx.now()));
+        Some(key)
     }
 
     fn log_full(&mut self) {
@@ -209,39 +255,456 @@ impl Worker {
             Next::Wait => {}
             Next::Yield => self.yielded.push(key),
             Next::Close => self.close(key),
+            Next::Upgrade => self.upgrade(key),
         }
     }
 
     fn close(&mut self, key: usize) {
         if let Some(mut conn) = self.conns.try_remove(key) {
-            log::trace!("worker {}: closing connection {key}", self.ctx.id);
+            conn.on_close(&self.ctx);
             let _ = self.poll.registry().deregister(conn.socket());
-            self.open_conns.fetch_sub(1, Ordering::Relaxed);
+            self.shared.open_conns.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The 101 is written: the session starts here if this worker owns the user, otherwise the
+    /// socket moves to the owner.
+    fn upgrade(&mut self, key: usize) {
+        let Some((grant, leftover)) = self.conns.get_mut(key).and_then(Conn::take_upgrade) else {
+            return;
+        };
+        let owner = relay::owner(grant.uid, self.ctx.workers);
+        if owner == self.ctx.id {
+            let session = WsSession::new(
+                leftover,
+                grant.uid,
+                grant.token_hash,
+                grant.acks,
+                self.ctx.session,
+                self.ctx.now(),
+            );
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.become_ws(session);
+            }
+            self.join(grant.uid, key);
+            self.drive(key);
+        } else {
+            let mut conn = self.conns.remove(key);
+            let _ = self.poll.registry().deregister(conn.socket());
+            self.relay.outbox[owner].push(RelayMsg::Adopt(Box::new(Adopt {
+                sock: conn.into_socket(),
+                leftover,
+                uid: grant.uid,
+                token_hash: grant.token_hash,
+                acks: grant.acks,
+            })));
+        }
+    }
+
+    fn adopt(&mut self, a: Adopt) {
+        let Adopt {
+            sock,
+            leftover,
+            uid,
+            token_hash,
+            acks,
+        } = a;
+        let session = WsSession::new(
+            leftover,
+            uid,
+            token_hash,
+            acks,
+            self.ctx.session,
+            self.ctx.now(),
+        );
+        let Some(key) = self.insert(sock, |sock, reply_to, now| {
+            Conn::adopted(sock, reply_to, session, now)
+        }) else {
+            self.shared.open_conns.fetch_sub(1, Ordering::Relaxed);
+            return;
+        };
+        self.join(uid, key);
+        if self.ctx.draining()
+            && let Some(conn) = self.conns.get_mut(key)
+        {
+            conn.drain_for_shutdown(&self.ctx);
+        }
+        self.drive(key);
+    }
+
+    /// A device of `uid` connected on this (its owner) worker.
+    fn join(&mut self, uid: u64, key: usize) {
+        let max_devices = self.ctx.config.max_devices;
+        let oldest = {
+            let user = self.relay.user(uid);
+            (user.conns.len() >= max_devices).then(|| user.conns[0])
+        };
+        if let Some(old) = oldest
+            && let Some(conn) = self.conns.get_mut(old)
+        {
+            conn.policy_close(&self.ctx, "replaced by a newer device");
+            self.dirty.push(old);
+        }
+        let user = self.relay.user(uid);
+        user.conns.push(key);
+        if user.mode == Mode::Offline {
+            let queued = if user.pending_appends > 0 {
+                1
+            } else {
+                self.ctx
+                    .api
+                    .store()
+                    .read()
+                    .and_then(|r| r.queued_frames(uid))
+                    .unwrap_or(1)
+            };
+            if queued == 0 {
+                user.mode = Mode::Live;
+            } else {
+                user.mode = Mode::Draining;
+                self.submit_drain(uid, None, DRAIN_BATCH_FRAMES);
+            }
+        }
+    }
+
+    fn submit_drain(&mut self, uid: u64, delete_through: Option<u64>, max_frames: usize) {
+        let op = WriteOp::Drain {
+            uid,
+            delete_through,
+            max_frames,
+            max_bytes: DRAIN_BATCH_BYTES,
+        };
+        let ok = self
+            .ctx
+            .writer
+            .submit(op, JobCtx::Relay(self.ctx.id, RelayJob::Drain { uid }))
+            .is_ok();
+        let user = self.relay.user(uid);
+        if ok {
+            user.drain_in_flight = true;
+        } else {
+            log::warn!("writer queue full: drain of uid {uid} retried later");
+            user.drain_after_appends = true;
+        }
+    }
+
+    /// A frame for `target`, on its owner worker.
+    fn deliver(&mut self, target: u64, frame: Bytes, sender: Option<SenderRef>) {
+        let live: Vec<usize> = match self.relay.users.get(&target) {
+            Some(u) if u.mode == Mode::Live && !u.conns.is_empty() => u.conns.clone(),
+            _ => return self.append(target, frame, sender),
+        };
+        let fan = Rc::new(FanOut {
+            target,
+            origin: Origin::Live,
+            sender,
+            delivered: Cell::new(false),
+            holders: Cell::new(live.len() as u32),
+        });
+        for key in live {
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.push_out(
+                    Out::Relay {
+                        frame: frame.clone(),
+                        fan: fan.clone(),
+                    },
+                    &self.ctx,
+                );
+                self.dirty.push(key);
+            }
+        }
+    }
+
+    /// Appends a frame to `target`'s offline queue; its sender hears back after the commit.
+    fn append(&mut self, target: u64, frame: Bytes, sender: Option<SenderRef>) {
+        let op = WriteOp::Append {
+            uid: target,
+            frame,
+            limits: self.ctx.queue_limits,
+        };
+        let job = RelayJob::Append { target, sender };
+        match self.ctx.writer.submit(op, JobCtx::Relay(self.ctx.id, job)) {
+            Ok(()) => self.relay.user(target).pending_appends += 1,
+            Err(_) => {
+                log::warn!("writer queue full: a frame for uid {target} was refused");
+                self.refuse(sender, "offline queue unavailable, retry later");
+            }
+        }
+    }
+
+    /// Tells the sender (if still connected) that its frame could not be stored.
+    fn refuse(&mut self, sender: Option<SenderRef>, reason: &str) {
+        match sender {
+            Some(s) => {
+                let mut out = Vec::new();
+                frame::encode_error(
+                    &mut out,
+                    s.uid,
+                    crate::api::now_ms(),
+                    error_code::QUEUE_FULL,
+                    s.crc,
+                    reason,
+                );
+                self.server_frame(s.conn, Bytes::from(out));
+            }
+            None => log::error!("a frame whose sender is gone could not be stored: {reason}"),
+        }
+    }
+
+    fn server_frame(&mut self, to: ReplyTo, frame: Bytes) {
+        if to.worker != self.ctx.id {
+            self.relay.outbox[to.worker].push(RelayMsg::ServerFrame { to, frame });
+            return;
+        }
+        if let Some(conn) = self.conns.get_mut(to.key)
+            && conn.reply_to() == to
+        {
+            conn.push_out(Out::Server(frame), &self.ctx);
+            self.dirty.push(to.key);
+        }
+    }
+
+    fn relay_write_done(&mut self, job: RelayJob, outcome: WriteOutcome) {
+        match job {
+            RelayJob::Append { target, sender } => {
+                let user = self.relay.user(target);
+                user.pending_appends = user.pending_appends.saturating_sub(1);
+                let redrain =
+                    user.pending_appends == 0 && std::mem::take(&mut user.drain_after_appends);
+                match outcome {
+                    WriteOutcome::Appended { .. } => {
+                        if let Some(s) = sender.filter(|s| s.want_ack) {
+                            self.server_frame(s.conn, ws::ack(&s, frame::ack_status::STORED));
+                        }
+                    }
+                    WriteOutcome::QueueFull => {
+                        self.refuse(sender, "offline queue of the target is full")
+                    }
+                    other => {
+                        log::error!("append failed: {other:?}");
+                        self.refuse(sender, "storage error, retry later");
+                    }
+                }
+                if redrain && !self.relay.user(target).conns.is_empty() {
+                    self.submit_drain(target, None, DRAIN_BATCH_FRAMES);
+                }
+                self.relay.forget_if_idle(target);
+            }
+            RelayJob::Drain { uid } => {
+                let frames = match outcome {
+                    WriteOutcome::Drained { frames } => frames,
+                    other => {
+                        log::error!("drain of uid {uid} failed: {other:?}");
+                        Vec::new()
+                    }
+                };
+                let user = self.relay.user(uid);
+                user.drain_in_flight = false;
+                if user.conns.is_empty() {
+                    user.mode = Mode::Offline;
+                } else if frames.is_empty() {
+                    if user.pending_appends == 0 {
+                        user.mode = Mode::Live;
+                    } else {
+                        user.drain_after_appends = true;
+                    }
+                } else {
+                    let holders = user.conns.clone();
+                    let mut batch = Vec::with_capacity(frames.len());
+                    for (seq, bytes) in frames {
+                        let fan = Rc::new(FanOut {
+                            target: uid,
+                            origin: Origin::Stored(seq),
+                            sender: None,
+                            delivered: Cell::new(false),
+                            holders: Cell::new(holders.len() as u32),
+                        });
+                        for &key in &holders {
+                            if let Some(conn) = self.conns.get_mut(key) {
+                                conn.push_out(
+                                    Out::Relay {
+                                        frame: bytes.clone(),
+                                        fan: fan.clone(),
+                                    },
+                                    &self.ctx,
+                                );
+                            }
+                        }
+                        batch.push(fan);
+                    }
+                    self.relay.user(uid).batch = batch;
+                    self.dirty.extend(holders);
+                    self.drain_progress(uid);
+                }
+                self.relay.forget_if_idle(uid);
+            }
+        }
+    }
+
+    /// When every frame of the batch is written (or given up), delete what was written and
+    /// read the next batch.
+    fn drain_progress(&mut self, uid: u64) {
+        let Some(user) = self.relay.users.get_mut(&uid) else {
+            return;
+        };
+        if user.batch.is_empty() || !user.batch.iter().all(|f| f.resolved()) {
+            return;
+        }
+        let through = relay::delivered_through(&user.batch);
+        user.batch.clear();
+        if user.conns.is_empty() {
+            user.mode = Mode::Offline;
+            if through.is_some() {
+                self.submit_drain(uid, through, 0);
+            }
+        } else {
+            self.submit_drain(uid, through, DRAIN_BATCH_FRAMES);
+        }
+    }
+
+    fn left(&mut self, uid: u64, key: usize) {
+        if let Some(user) = self.relay.users.get_mut(&uid) {
+            user.conns.retain(|&k| k != key);
+            if user.conns.is_empty() {
+                user.mode = Mode::Offline;
+            }
+        }
+        self.relay.forget_if_idle(uid);
+    }
+
+    fn revoke(&mut self, uid: u64, token_hash: [u8; 32]) {
+        let owner = relay::owner(uid, self.ctx.workers);
+        if owner != self.ctx.id {
+            self.relay.outbox[owner].push(RelayMsg::Revoke { uid, token_hash });
+            return;
+        }
+        let keys = self
+            .relay
+            .users
+            .get(&uid)
+            .map(|u| u.conns.clone())
+            .unwrap_or_default();
+        for key in keys {
+            if let Some(conn) = self.conns.get_mut(key)
+                && conn.session().is_some_and(|s| s.token_hash == token_hash)
+            {
+                conn.policy_close(&self.ctx, "token revoked");
+                self.dirty.push(key);
+            }
         }
     }
 
     fn completions(&mut self) {
         while let Ok(done) = self.inbox.try_recv() {
-            let to = match &done {
-                Completion::Auth(to, ..) | Completion::Write(to, ..) => *to,
-            };
-            let Some(conn) = self.conns.get_mut(to.key) else {
-                continue;
-            };
-            if conn.reply_to() != to {
-                // The connection closed while its job ran; the slot was reused since.
-                continue;
-            }
-            let api = &self.ctx.api;
             match done {
-                Completion::Auth(_, verdict, pending) => {
-                    conn.resume(&self.ctx, |p| api.after_auth(verdict, p), pending);
+                Completion::Auth(to, verdict, pending) => {
+                    self.resume(to, |api, p| api.after_auth(verdict, p), pending);
                 }
-                Completion::Write(_, outcome, pending) => {
-                    conn.resume(&self.ctx, |p| api.after_write(outcome, p), pending);
+                Completion::Write(to, outcome, pending) => {
+                    for (uid, hash) in Api::revoked_tokens(&outcome, &pending) {
+                        self.revoke(uid, hash);
+                    }
+                    self.resume(to, |api, p| api.after_write(outcome, p), pending);
+                }
+                Completion::RelayWrite(job, outcome) => self.relay_write_done(job, outcome),
+                Completion::Relay(msgs) => {
+                    for msg in msgs {
+                        match msg {
+                            RelayMsg::Deliver {
+                                target,
+                                frame,
+                                sender,
+                            } => self.deliver(target, frame, Some(sender)),
+                            RelayMsg::ServerFrame { to, frame } => self.server_frame(to, frame),
+                            RelayMsg::Adopt(a) => self.adopt(*a),
+                            RelayMsg::Revoke { uid, token_hash } => self.revoke(uid, token_hash),
+                        }
+                    }
                 }
             }
-            self.drive(to.key);
+            self.settle_effects();
+        }
+    }
+
+    fn resume(
+        &mut self,
+        to: ReplyTo,
+        next: impl FnOnce(&Api, crate::api::Pending) -> crate::api::Action,
+        pending: crate::api::Pending,
+    ) {
+        let Some(conn) = self.conns.get_mut(to.key) else {
+            return;
+        };
+        if conn.reply_to() != to {
+            // The connection closed while its job ran; the slot was reused since.
+            return;
+        }
+        let api = &self.ctx.api;
+        conn.resume(&self.ctx, |p| next(api, p), pending);
+        self.drive(to.key);
+    }
+
+    /// Runs the relay work connections asked for, until none is left.
+    fn settle_effects(&mut self) {
+        loop {
+            let effects = self.ctx.take_effects();
+            if effects.is_empty() {
+                break;
+            }
+            for e in effects {
+                match e {
+                    Effect::Deliver {
+                        target,
+                        frame,
+                        sender,
+                    } => {
+                        let owner = relay::owner(target, self.ctx.workers);
+                        if owner == self.ctx.id {
+                            self.deliver(target, frame, Some(sender));
+                        } else {
+                            self.relay.outbox[owner].push(RelayMsg::Deliver {
+                                target,
+                                frame,
+                                sender,
+                            });
+                        }
+                    }
+                    Effect::ServerFrame { to, frame } => self.server_frame(to, frame),
+                    Effect::Spill {
+                        target,
+                        frame,
+                        sender,
+                    } => self.append(target, frame, sender),
+                    Effect::Left { uid, key } => self.left(uid, key),
+                    Effect::DrainProgress { uid } => self.drain_progress(uid),
+                }
+            }
+        }
+    }
+
+    /// Effects, then writes to every connection that got output, until nothing changes; then
+    /// the batches for other workers go out (one wake each).
+    fn settle(&mut self) {
+        loop {
+            self.settle_effects();
+            if self.dirty.is_empty() {
+                break;
+            }
+            let mut dirty = std::mem::take(&mut self.dirty);
+            dirty.sort_unstable();
+            dirty.dedup();
+            for key in dirty {
+                self.drive(key);
+            }
+        }
+        for (dest, msgs) in self.relay.outbox.iter_mut().enumerate() {
+            if msgs.is_empty() {
+                continue;
+            }
+            let (tx, waker) = &self.shared.mailboxes[dest];
+            if tx.send(Completion::Relay(std::mem::take(msgs))).is_ok() {
+                let _ = waker.wake();
+            }
         }
     }
 
@@ -257,6 +720,24 @@ impl Worker {
                 Next::Close => self.close(key),
                 _ => self.drive(key),
             }
+        }
+        // A drain the writer could not take earlier (queue full) is retried here.
+        let stalled: Vec<u64> = self
+            .relay
+            .users
+            .iter()
+            .filter(|(_, u)| {
+                u.mode == Mode::Draining
+                    && !u.drain_in_flight
+                    && u.batch.is_empty()
+                    && u.pending_appends == 0
+                    && !u.conns.is_empty()
+            })
+            .map(|(uid, _)| *uid)
+            .collect();
+        for uid in stalled {
+            self.relay.user(uid).drain_after_appends = false;
+            self.submit_drain(uid, None, DRAIN_BATCH_FRAMES);
         }
     }
 
@@ -284,11 +765,19 @@ impl Worker {
             let idle = self
                 .conns
                 .get_mut(key)
-                .is_some_and(|c| c.drain_for_shutdown());
+                .is_some_and(|c| c.drain_for_shutdown(&self.ctx));
             if idle {
                 self.close(key);
             } else {
                 self.drive(key);
+            }
+        }
+        self.settle();
+        let draining = self.shared.draining_workers.fetch_add(1, Ordering::SeqCst) + 1;
+        if draining == self.ctx.workers {
+            // The last one in: the others may be waiting for this to exit.
+            for (_, waker) in &self.shared.mailboxes {
+                let _ = waker.wake();
             }
         }
     }

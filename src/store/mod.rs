@@ -16,7 +16,9 @@ use heed::types::{Bytes, Str, U64, Unit};
 use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, RoTxn, WithTls};
 
 pub use records::{Profile, TokenRecord, UserRecord};
-pub use writer::{NewUser, ProfileChanges, WriteOp, WriteOutcome, Writer, WriterConfig};
+pub use writer::{
+    NewUser, ProfileChanges, QueueLimits, WriteOp, WriteOutcome, Writer, WriterConfig,
+};
 
 /// The on-disk layout this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -64,6 +66,57 @@ pub(crate) struct Dbs {
     pub user_tokens: Database<'static, BeU64, Bytes>,
     /// Schema version and uid counter.
     pub meta: Database<'static, Str, Bytes>,
+    /// uid (8 bytes BE) | seq (8 bytes BE) -> a frame waiting for its target, oldest first.
+    pub offline: Database<'static, Bytes, Bytes>,
+    /// uid -> [`QueueMeta`] of that user's offline queue.
+    pub offline_meta: Database<'static, BeU64, Bytes>,
+}
+
+/// Bookkeeping of one user's offline queue: frames have sequence numbers `head..next`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueMeta {
+    pub head: u64,
+    pub next: u64,
+    pub frames: u64,
+    pub bytes: u64,
+}
+
+impl QueueMeta {
+    pub(crate) fn encode(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, v) in [self.head, self.next, self.frames, self.bytes]
+            .iter()
+            .enumerate()
+        {
+            out[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
+        }
+        out
+    }
+
+    pub(crate) fn decode(b: &[u8]) -> Result<QueueMeta, StoreError> {
+        if b.len() != 32 {
+            return Err(StoreError::Corrupt("offline_meta"));
+        }
+        let w = |i: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(x)
+        };
+        Ok(QueueMeta {
+            head: w(0),
+            next: w(1),
+            frames: w(2),
+            bytes: w(3),
+        })
+    }
+}
+
+/// Key of a queued frame: sorts by user, then by sequence.
+pub(crate) fn queue_key(uid: u64, seq: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&uid.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
 }
 
 const META_SCHEMA: &str = "schema_version";
@@ -128,6 +181,8 @@ impl Store {
                 let tokens = opener.create_database(wtxn, Some("tokens"))?;
                 let user_tokens = opener.create_database(wtxn, Some("user_tokens"))?;
                 let meta: Database<Str, Bytes> = opener.create_database(wtxn, Some("meta"))?;
+                let offline = opener.create_database(wtxn, Some("offline"))?;
+                let offline_meta = opener.create_database(wtxn, Some("offline_meta"))?;
                 match meta.get(wtxn, META_SCHEMA)? {
                     None => meta.put(wtxn, META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?,
                     Some(v) => {
@@ -140,18 +195,15 @@ impl Store {
                     }
                 }
                 Ok(CommitOrAbort::<_, ()>::Commit((
-                    users,
-                    names,
-                    phones,
-                    emails,
-                    teachers,
-                    tokens,
-                    user_tokens,
-                    meta,
+                    (users, names, phones, emails, teachers),
+                    (tokens, user_tokens, meta, offline, offline_meta),
                 )))
             })?
             .unwrap_commit();
-        let (users, names, phones, emails, teachers, tokens, user_tokens, meta) = dbs;
+        let (
+            (users, names, phones, emails, teachers),
+            (tokens, user_tokens, meta, offline, offline_meta),
+        ) = dbs;
         Ok(Store {
             env,
             dbs: Dbs {
@@ -163,6 +215,8 @@ impl Store {
                 tokens,
                 user_tokens,
                 meta,
+                offline,
+                offline_meta,
             },
         })
     }
@@ -226,6 +280,14 @@ impl Reader<'_> {
         match self.dbs.tokens.get(&self.txn, hash)? {
             None => Ok(None),
             Some(bytes) => TokenRecord::decode(bytes).map(Some),
+        }
+    }
+
+    /// How many frames wait in a user's offline queue.
+    pub fn queued_frames(&self, uid: u64) -> Result<u64, StoreError> {
+        match self.dbs.offline_meta.get(&self.txn, &uid)? {
+            None => Ok(0),
+            Some(b) => Ok(QueueMeta::decode(b)?.frames),
         }
     }
 

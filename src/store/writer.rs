@@ -8,8 +8,10 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use heed::RwTxn;
 
+use bytes::Bytes;
+
 use super::records::{Profile, TokenRecord, UserRecord};
-use super::{Dbs, IdKind, META_NEXT_UID, Store, StoreError};
+use super::{Dbs, IdKind, META_NEXT_UID, QueueMeta, Store, StoreError, queue_key};
 
 /// A new account, already validated and normalized by the caller.
 #[derive(Debug, Clone)]
@@ -69,6 +71,27 @@ pub enum WriteOp {
         uid: u64,
         changes: ProfileChanges,
     },
+    /// Appends a frame to `uid`'s offline queue unless that would pass a limit.
+    Append {
+        uid: u64,
+        frame: Bytes,
+        limits: QueueLimits,
+    },
+    /// Deletes `uid`'s queued frames up to and including `delete_through`, then reads the next
+    /// ones (at most `max_frames` / about `max_bytes`).
+    Drain {
+        uid: u64,
+        delete_through: Option<u64>,
+        max_frames: usize,
+        max_bytes: usize,
+    },
+}
+
+/// Per-user offline queue limits.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub max_frames: u64,
+    pub max_bytes: u64,
 }
 
 /// What a committed write did.
@@ -98,6 +121,16 @@ pub enum WriteOutcome {
     RefreshDenied,
     ProfileUpdated,
     NoSuchUser,
+    /// The frame is committed to the queue under this sequence number.
+    Appended {
+        seq: u64,
+    },
+    /// The queue is at its frame or byte limit; the frame was not stored.
+    QueueFull,
+    /// The next queued frames, oldest first (empty: the queue is empty).
+    Drained {
+        frames: Vec<(u64, Bytes)>,
+    },
     /// The storage failed; nothing of this operation was written.
     Failed(String),
 }
@@ -280,7 +313,95 @@ fn apply(txn: &mut RwTxn<'_>, dbs: &Dbs, op: &WriteOp) -> Result<WriteOutcome, S
             dbs.users.put(txn, uid, &user.encode())?;
             Ok(WriteOutcome::ProfileUpdated)
         }
+        WriteOp::Append { uid, frame, limits } => append(txn, dbs, *uid, frame, limits),
+        WriteOp::Drain {
+            uid,
+            delete_through,
+            max_frames,
+            max_bytes,
+        } => drain(txn, dbs, *uid, *delete_through, *max_frames, *max_bytes),
     }
+}
+
+fn queue_meta(txn: &RwTxn<'_>, dbs: &Dbs, uid: u64) -> Result<QueueMeta, StoreError> {
+    match dbs.offline_meta.get(txn, &uid)? {
+        None => Ok(QueueMeta::default()),
+        Some(b) => QueueMeta::decode(b),
+    }
+}
+
+fn put_queue_meta(
+    txn: &mut RwTxn<'_>,
+    dbs: &Dbs,
+    uid: u64,
+    meta: &QueueMeta,
+) -> Result<(), StoreError> {
+    if meta.frames == 0 {
+        // Keep the sequence counter: sequence numbers must keep increasing for this user.
+        let empty = QueueMeta {
+            head: meta.next,
+            next: meta.next,
+            frames: 0,
+            bytes: 0,
+        };
+        dbs.offline_meta.put(txn, &uid, &empty.encode())?;
+    } else {
+        dbs.offline_meta.put(txn, &uid, &meta.encode())?;
+    }
+    Ok(())
+}
+
+fn append(
+    txn: &mut RwTxn<'_>,
+    dbs: &Dbs,
+    uid: u64,
+    frame: &[u8],
+    limits: &QueueLimits,
+) -> Result<WriteOutcome, StoreError> {
+    let mut meta = queue_meta(txn, dbs, uid)?;
+    if meta.frames >= limits.max_frames || meta.bytes + frame.len() as u64 > limits.max_bytes {
+        return Ok(WriteOutcome::QueueFull);
+    }
+    let seq = meta.next;
+    dbs.offline.put(txn, &queue_key(uid, seq), frame)?;
+    meta.next += 1;
+    meta.frames += 1;
+    meta.bytes += frame.len() as u64;
+    put_queue_meta(txn, dbs, uid, &meta)?;
+    Ok(WriteOutcome::Appended { seq })
+}
+
+fn drain(
+    txn: &mut RwTxn<'_>,
+    dbs: &Dbs,
+    uid: u64,
+    delete_through: Option<u64>,
+    max_frames: usize,
+    max_bytes: usize,
+) -> Result<WriteOutcome, StoreError> {
+    let mut meta = queue_meta(txn, dbs, uid)?;
+    if let Some(last) = delete_through {
+        while meta.head <= last && meta.head < meta.next {
+            if let Some(old) = dbs.offline.get(txn, &queue_key(uid, meta.head))? {
+                meta.bytes = meta.bytes.saturating_sub(old.len() as u64);
+                meta.frames = meta.frames.saturating_sub(1);
+                dbs.offline.delete(txn, &queue_key(uid, meta.head))?;
+            }
+            meta.head += 1;
+        }
+        put_queue_meta(txn, dbs, uid, &meta)?;
+    }
+    let mut frames = Vec::new();
+    let mut bytes = 0;
+    let mut seq = meta.head;
+    while seq < meta.next && frames.len() < max_frames && bytes < max_bytes {
+        if let Some(f) = dbs.offline.get(txn, &queue_key(uid, seq))? {
+            bytes += f.len();
+            frames.push((seq, Bytes::copy_from_slice(f)));
+        }
+        seq += 1;
+    }
+    Ok(WriteOutcome::Drained { frames })
 }
 
 fn register(txn: &mut RwTxn<'_>, dbs: &Dbs, user: &NewUser) -> Result<WriteOutcome, StoreError> {
@@ -468,6 +589,77 @@ mod tests {
         let teachers = r.teachers(0, 10).unwrap();
         assert_eq!(teachers.len(), 1);
         assert_eq!(teachers[0].uname(), "Bob");
+    }
+
+    #[test]
+    fn offline_queue_appends_drains_and_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 24).unwrap();
+        let limits = QueueLimits {
+            max_frames: 3,
+            max_bytes: 100,
+        };
+        let app = |uid: u64, b: &'static [u8]| WriteOp::Append {
+            uid,
+            frame: Bytes::from_static(b),
+            limits,
+        };
+        let out = commit_batch(
+            &store,
+            &[
+                app(7, b"one"),
+                app(7, b"two"),
+                app(8, b"x"),
+                app(7, b"three"),
+                app(7, b"four"),
+            ],
+        );
+        assert_eq!(
+            out,
+            vec![
+                WriteOutcome::Appended { seq: 0 },
+                WriteOutcome::Appended { seq: 1 },
+                WriteOutcome::Appended { seq: 0 },
+                WriteOutcome::Appended { seq: 2 },
+                WriteOutcome::QueueFull,
+            ]
+        );
+        assert_eq!(store.read().unwrap().queued_frames(7).unwrap(), 3);
+        let drain = |through, max_frames| WriteOp::Drain {
+            uid: 7,
+            delete_through: through,
+            max_frames,
+            max_bytes: 1 << 20,
+        };
+        let out = commit_batch(
+            &store,
+            &[drain(None, 2), drain(Some(1), 2), app(7, b"five")],
+        );
+        let seqs = |o: &WriteOutcome| match o {
+            WriteOutcome::Drained { frames } => frames
+                .iter()
+                .map(|(s, f)| (*s, f.clone()))
+                .collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            seqs(&out[0]),
+            vec![
+                (0, Bytes::from_static(b"one")),
+                (1, Bytes::from_static(b"two"))
+            ]
+        );
+        assert_eq!(seqs(&out[1]), vec![(2, Bytes::from_static(b"three"))]);
+        assert_eq!(out[2], WriteOutcome::Appended { seq: 3 });
+        let out = commit_batch(&store, &[drain(Some(3), 10)]);
+        assert!(seqs(&out[0]).is_empty());
+        assert_eq!(store.read().unwrap().queued_frames(7).unwrap(), 0);
+        // Sequence numbers keep increasing after the queue emptied.
+        assert_eq!(
+            commit_batch(&store, &[app(7, b"six")])[0],
+            WriteOutcome::Appended { seq: 4 }
+        );
+        assert_eq!(store.read().unwrap().queued_frames(8).unwrap(), 1);
     }
 
     #[test]

@@ -1,0 +1,270 @@
+//! Who is connected where, and how a frame reaches its target.
+//!
+//! Every user has an owner worker (`uid % workers`). All of a user's WebSocket connections live
+//! on its owner (a connection upgraded elsewhere is handed over), so everything about one target
+//! — its devices, its offline queue hand-off, its drain — is decided by one thread, in arrival
+//! order, without locks. A frame from S to T travels sender worker -> owner(T) through one FIFO
+//! inbox per worker, so frames from one sender to one target cannot overtake each other.
+//!
+//! A target with no live connection gets its frames appended to its offline queue (through the
+//! writer, acknowledged after the commit). When it connects, the queue is drained through the
+//! same writer — so the drain sees every append queued before it — while new frames for it keep
+//! going to the queue; only when a drain read comes back empty with no append in flight does the
+//! user switch to live delivery.
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
+
+use bytes::Bytes;
+
+use crate::conn::ReplyTo;
+
+/// Frames read from the offline queue per drain step, and their approximate byte budget.
+pub const DRAIN_BATCH_FRAMES: usize = 256;
+pub const DRAIN_BATCH_BYTES: usize = 1 << 20;
+/// Known-registered uids cached per worker (users are never deleted, so a hit is always right).
+pub const KNOWN_UIDS_CACHE: usize = 1 << 20;
+
+/// Which worker owns a user's connections.
+pub fn owner(uid: u64, workers: usize) -> usize {
+    (uid % workers as u64) as usize
+}
+
+/// Who sent a frame, for its ACK or ERROR.
+#[derive(Debug, Clone, Copy)]
+pub struct SenderRef {
+    pub conn: ReplyTo,
+    pub uid: u64,
+    pub want_ack: bool,
+    pub timestamp: u64,
+    pub crc: u32,
+}
+
+/// Where a frame in an outbound queue came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Relayed live; if no device gets it, it goes to the offline queue.
+    Live,
+    /// Read from the offline queue (sequence number); it stays there until written.
+    Stored(u64),
+}
+
+/// One frame handed to every live device of its target. Shared by those devices' outbound
+/// queues on the owner worker (single-threaded, hence `Rc`/`Cell`).
+#[derive(Debug)]
+pub struct FanOut {
+    pub target: u64,
+    pub origin: Origin,
+    pub sender: Option<SenderRef>,
+    /// Written to at least one socket.
+    pub delivered: Cell<bool>,
+    /// Devices still holding it unsent.
+    pub holders: Cell<u32>,
+}
+
+impl FanOut {
+    /// Written by some device, or given up by all of them.
+    pub fn resolved(&self) -> bool {
+        self.delivered.get() || self.holders.get() == 0
+    }
+}
+
+/// Work a connection asks its worker to do once the connection is no longer borrowed.
+pub enum Effect {
+    /// A checked frame for `target`.
+    Deliver {
+        target: u64,
+        frame: Bytes,
+        sender: SenderRef,
+    },
+    /// A server frame (ACK or ERROR) for the connection `to`.
+    ServerFrame { to: ReplyTo, frame: Bytes },
+    /// A live frame no device of `target` got: it goes to the offline queue.
+    Spill {
+        target: u64,
+        frame: Bytes,
+        sender: Option<SenderRef>,
+    },
+    /// The connection in slot `key` no longer takes frames for `uid`.
+    Left { uid: u64, key: usize },
+    /// A frame of `uid`'s drain batch was written or given up.
+    DrainProgress { uid: u64 },
+}
+
+/// A connection handed to its user's owner worker after the upgrade.
+pub struct Adopt {
+    pub sock: mio::net::TcpStream,
+    /// Bytes that arrived after the upgrade request: the start of the WebSocket stream.
+    pub leftover: Vec<u8>,
+    pub uid: u64,
+    pub token_hash: [u8; 32],
+    pub acks: bool,
+}
+
+/// Messages between workers (sent in batches, one wake per batch).
+pub enum RelayMsg {
+    Deliver {
+        target: u64,
+        frame: Bytes,
+        sender: SenderRef,
+    },
+    ServerFrame {
+        to: ReplyTo,
+        frame: Bytes,
+    },
+    Adopt(Box<Adopt>),
+    /// Close the connections of `uid` opened with this token (logout, refresh, token limit).
+    Revoke {
+        uid: u64,
+        token_hash: [u8; 32],
+    },
+}
+
+/// Context of a relay write, returned with its outcome to the owner worker.
+#[derive(Debug)]
+pub enum RelayJob {
+    Append {
+        target: u64,
+        sender: Option<SenderRef>,
+    },
+    Drain {
+        uid: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Frames go straight to the devices.
+    Live,
+    /// The offline queue is being sent; new frames are appended behind it.
+    Draining,
+    /// No device: frames are appended.
+    Offline,
+}
+
+/// What the owner worker knows about one of its users.
+#[derive(Debug)]
+pub struct UserState {
+    /// Slab keys of the live devices, oldest first.
+    pub conns: Vec<usize>,
+    pub mode: Mode,
+    /// Appends submitted to the writer and not yet committed.
+    pub pending_appends: u32,
+    /// The drain batch being written, oldest first.
+    pub batch: Vec<Rc<FanOut>>,
+    /// A drain read is at the writer.
+    pub drain_in_flight: bool,
+    /// The last drain read came back empty while appends were in flight: read again when they
+    /// are committed.
+    pub drain_after_appends: bool,
+}
+
+impl UserState {
+    fn new() -> UserState {
+        UserState {
+            conns: Vec::new(),
+            mode: Mode::Offline,
+            pending_appends: 0,
+            batch: Vec::new(),
+            drain_in_flight: false,
+            drain_after_appends: false,
+        }
+    }
+
+    /// Nothing left to remember: no device and no write in flight.
+    pub fn forgettable(&self) -> bool {
+        self.conns.is_empty()
+            && self.pending_appends == 0
+            && !self.drain_in_flight
+            && self.batch.is_empty()
+    }
+}
+
+/// The relay state of one worker.
+pub struct Relay {
+    pub users: HashMap<u64, UserState>,
+    /// Messages to other workers, sent at the end of the loop iteration.
+    pub outbox: Vec<Vec<RelayMsg>>,
+    known: HashSet<u64>,
+}
+
+impl Relay {
+    pub fn new(workers: usize) -> Relay {
+        Relay {
+            users: HashMap::new(),
+            outbox: (0..workers).map(|_| Vec::new()).collect(),
+            known: HashSet::new(),
+        }
+    }
+
+    pub fn user(&mut self, uid: u64) -> &mut UserState {
+        self.users.entry(uid).or_insert_with(UserState::new)
+    }
+
+    pub fn forget_if_idle(&mut self, uid: u64) {
+        if self.users.get(&uid).is_some_and(UserState::forgettable) {
+            self.users.remove(&uid);
+        }
+    }
+
+    pub fn is_known(&self, uid: u64) -> bool {
+        self.known.contains(&uid)
+    }
+
+    pub fn remember(&mut self, uid: u64) {
+        if self.known.len() >= KNOWN_UIDS_CACHE {
+            self.known.clear();
+        }
+        self.known.insert(uid);
+    }
+}
+
+/// The delivered prefix of a resolved batch: the last sequence number that can be deleted.
+pub fn delivered_through(batch: &[Rc<FanOut>]) -> Option<u64> {
+    let mut last = None;
+    for f in batch {
+        if !f.delivered.get() {
+            break;
+        }
+        if let Origin::Stored(seq) = f.origin {
+            last = Some(seq);
+        }
+    }
+    last
+}
+
+/// Queue of outbound items for one connection.
+pub type OutQueue = VecDeque<crate::ws::Out>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fan(seq: u64, delivered: bool) -> Rc<FanOut> {
+        Rc::new(FanOut {
+            target: 1,
+            origin: Origin::Stored(seq),
+            sender: None,
+            delivered: Cell::new(delivered),
+            holders: Cell::new(0),
+        })
+    }
+
+    #[test]
+    fn delivered_prefix() {
+        assert_eq!(delivered_through(&[]), None);
+        assert_eq!(
+            delivered_through(&[fan(4, true), fan(5, true), fan(6, false)]),
+            Some(5)
+        );
+        assert_eq!(delivered_through(&[fan(4, false), fan(5, true)]), None);
+    }
+
+    #[test]
+    fn owners_spread_users() {
+        assert_eq!(owner(7, 2), 1);
+        assert_eq!(owner(8, 2), 0);
+        assert_eq!(owner(8, 1), 0);
+    }
+}

@@ -1,0 +1,520 @@
+//! One WebSocket session on its owner worker: tungstenite's protocol state over our socket, the
+//! outbound queue, and the relay rules for inbound frames.
+//!
+//! Outbound frames are handed to tungstenite one at a time with no write buffering: `write`
+//! returning Ok means the frame reached the kernel; WouldBlock means it sits, alone, in
+//! tungstenite's buffer until a later `flush` succeeds. So the session always knows which frames
+//! have left user space (those are "delivered") and which have not (those go to the offline
+//! queue if the connection dies).
+
+use std::collections::VecDeque;
+use std::io;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mio::net::TcpStream;
+use tungstenite::Message;
+use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
+
+use super::close_code;
+use crate::conn::{Next, ReplyTo};
+use crate::frame::{self, Frame, FrameError, error_code};
+use crate::relay::{Effect, FanOut, Origin, SenderRef};
+use crate::server::WorkerCtx;
+
+/// Inbound messages handled per wakeup before other connections get their turn.
+const READ_BUDGET_MESSAGES: usize = 256;
+/// Room in tungstenite's write buffer beyond one frame, for pings, pongs and the close frame.
+const CONTROL_ROOM: usize = 1024;
+
+/// Session limits, from [`crate::config::Config`].
+#[derive(Debug, Clone, Copy)]
+pub struct SessionConfig {
+    pub max_frame: usize,
+    pub read_buffer: usize,
+    pub rate_per_sec: u32,
+    pub rate_burst: u32,
+    pub slow_consumer_bytes: usize,
+    pub linger: Duration,
+    pub ping_after: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// An outbound item.
+pub enum Out {
+    /// A frame from another user, shared with the target's other devices.
+    Relay { frame: Bytes, fan: Rc<FanOut> },
+    /// An ACK or ERROR for this connection.
+    Server(Bytes),
+}
+
+impl Out {
+    fn bytes(&self) -> &Bytes {
+        match self {
+            Out::Relay { frame, .. } => frame,
+            Out::Server(b) => b,
+        }
+    }
+}
+
+/// Token bucket for inbound frames.
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, now: Instant, rate: u32, burst: u32) -> bool {
+        let refill = now.duration_since(self.last).as_secs_f64() * f64::from(rate);
+        self.tokens = (self.tokens + refill).min(f64::from(burst));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub struct WsSession {
+    pub uid: u64,
+    pub token_hash: [u8; 32],
+    pub acks: bool,
+    config: SessionConfig,
+    ws: WebSocketContext,
+    outq: VecDeque<Out>,
+    queued_bytes: usize,
+    /// The frame sitting in tungstenite's buffer, not yet known to have left.
+    in_flight: Option<Out>,
+    bucket: Bucket,
+    last_inbound: Instant,
+    ping_sent: bool,
+    /// Too much unsent output: closed with 1013 on the next drive.
+    slow: bool,
+    /// Our close frame is queued; the connection ends at the peer's answer or at this time.
+    closing: Option<Instant>,
+    /// The relay was told this connection takes no more frames.
+    left: bool,
+}
+
+fn would_block(e: &WsError) -> bool {
+    matches!(e, WsError::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
+}
+
+impl WsSession {
+    pub fn new(
+        leftover: Vec<u8>,
+        uid: u64,
+        token_hash: [u8; 32],
+        acks: bool,
+        config: SessionConfig,
+        now: Instant,
+    ) -> WsSession {
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(config.read_buffer)
+            .write_buffer_size(0)
+            .max_write_buffer_size(config.max_frame + CONTROL_ROOM)
+            .max_message_size(Some(config.max_frame))
+            .max_frame_size(Some(config.max_frame));
+        WsSession {
+            uid,
+            token_hash,
+            acks,
+            config,
+            ws: WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config)),
+            outq: VecDeque::new(),
+            queued_bytes: 0,
+            in_flight: None,
+            bucket: Bucket {
+                tokens: f64::from(config.rate_burst),
+                last: now,
+            },
+            last_inbound: now,
+            ping_sent: false,
+            slow: false,
+            closing: None,
+            left: false,
+        }
+    }
+
+    /// Whether the relay may still hand this session frames.
+    pub fn accepting(&self) -> bool {
+        !self.left
+    }
+
+    /// Queues an outbound item (a relayed frame or a server frame).
+    pub fn push(&mut self, out: Out, ctx: &WorkerCtx) {
+        if self.left {
+            self.give_up(out, ctx);
+            return;
+        }
+        self.queued_bytes += out.bytes().len();
+        self.outq.push_back(out);
+        if self.queued_bytes > self.config.slow_consumer_bytes {
+            self.slow = true;
+        }
+    }
+
+    /// Reads, relays and writes as far as possible without blocking.
+    pub fn drive(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx, me: ReplyTo) -> Next {
+        if self.slow && self.closing.is_none() {
+            log::debug!("uid {}: slow consumer, closing with 1013", self.uid);
+            self.close(
+                sock,
+                ctx,
+                me,
+                close_code::TRY_AGAIN_LATER,
+                "too much unread; reconnect to receive the rest",
+            );
+        }
+        let mut messages = 0;
+        loop {
+            if self.pump(sock, ctx).is_err() {
+                return self.finish(ctx, me);
+            }
+            if self.closing.is_some() {
+                return self.read_until_closed(sock, ctx, me);
+            }
+            if messages >= READ_BUDGET_MESSAGES {
+                return Next::Yield;
+            }
+            match self.ws.read(sock) {
+                Ok(msg) => {
+                    messages += 1;
+                    self.last_inbound = ctx.now();
+                    self.ping_sent = false;
+                    match msg {
+                        Message::Binary(b) => self.on_frame(b, ctx, me),
+                        Message::Text(_) => self.close(
+                            sock,
+                            ctx,
+                            me,
+                            close_code::UNSUPPORTED_DATA,
+                            "text messages are not accepted; send binary frames",
+                        ),
+                        Message::Close(_) => {
+                            // tungstenite queued the reply; send it and stop taking frames.
+                            self.leave(ctx, me);
+                            self.closing = Some(ctx.now() + self.config.linger);
+                        }
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                    }
+                }
+                Err(e) if would_block(&e) => {
+                    if self.pump(sock, ctx).is_err() {
+                        return self.finish(ctx, me);
+                    }
+                    return Next::Wait;
+                }
+                Err(WsError::Capacity(CapacityError::MessageTooLong { .. })) => self.close(
+                    sock,
+                    ctx,
+                    me,
+                    close_code::MESSAGE_TOO_BIG,
+                    "message larger than the frame limit",
+                ),
+                Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))
+                | Err(WsError::ConnectionClosed)
+                | Err(WsError::AlreadyClosed)
+                | Err(WsError::Io(_)) => return self.finish(ctx, me),
+                Err(e) => {
+                    log::debug!("uid {}: protocol error: {e}", self.uid);
+                    self.close(sock, ctx, me, close_code::PROTOCOL_ERROR, "protocol error");
+                }
+            }
+        }
+    }
+
+    /// The relay rules for one inbound binary message, in order.
+    fn on_frame(&mut self, bytes: Bytes, ctx: &WorkerCtx, me: ReplyTo) {
+        let f = match Frame::parse(&bytes) {
+            Ok(f) => f,
+            Err(FrameError::TooShort) => {
+                return self.error(ctx, error_code::TOO_SHORT, 0, "frame shorter than 29 bytes");
+            }
+            Err(FrameError::BadCrc) => {
+                return self.error(
+                    ctx,
+                    error_code::BAD_CRC,
+                    frame::crc_field(&bytes),
+                    "CRC mismatch",
+                );
+            }
+        };
+        let crc = f.crc();
+        if f.msg_type() >= frame::msg_type::RESERVED_MIN {
+            return self.error(
+                ctx,
+                error_code::RESERVED_TYPE,
+                crc,
+                "message types 0xF0-0xFF are reserved for the server",
+            );
+        }
+        if f.uid() != self.uid {
+            return self.error(
+                ctx,
+                error_code::SPOOFED_SENDER,
+                crc,
+                "sender uid is not this connection's user",
+            );
+        }
+        if !ctx.is_registered(f.target()) {
+            return self.error(
+                ctx,
+                error_code::UNKNOWN_TARGET,
+                crc,
+                "target is not a registered user",
+            );
+        }
+        let cfg = self.config;
+        if !self
+            .bucket
+            .take(ctx.now(), cfg.rate_per_sec, cfg.rate_burst)
+        {
+            return self.error(ctx, error_code::RATE_LIMITED, crc, "rate limit exceeded");
+        }
+        let sender = SenderRef {
+            conn: me,
+            uid: self.uid,
+            want_ack: self.acks,
+            timestamp: f.timestamp(),
+            crc,
+        };
+        let target = f.target();
+        ctx.effect(Effect::Deliver {
+            target,
+            frame: bytes,
+            sender,
+        });
+    }
+
+    fn error(&mut self, ctx: &WorkerCtx, code: u8, bad_crc: u32, reason: &str) {
+        let mut out = Vec::with_capacity(frame::MIN_FRAME + 5 + reason.len());
+        frame::encode_error(
+            &mut out,
+            self.uid,
+            crate::api::now_ms(),
+            code,
+            bad_crc,
+            reason,
+        );
+        self.push(Out::Server(Bytes::from(out)), ctx);
+    }
+
+    /// Writes queued output until the socket pushes back. Err: the connection is gone.
+    fn pump(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx) -> Result<(), ()> {
+        loop {
+            if self.in_flight.is_some() {
+                match self.ws.flush(sock) {
+                    Ok(()) => {
+                        if let Some(out) = self.in_flight.take() {
+                            self.wrote(out, ctx);
+                        }
+                    }
+                    Err(e) if would_block(&e) => return Ok(()),
+                    Err(_) => return Err(()),
+                }
+            }
+            if self.closing.is_some() {
+                return match self.ws.flush(sock) {
+                    Ok(()) => Ok(()),
+                    Err(e) if would_block(&e) => Ok(()),
+                    Err(_) => Err(()),
+                };
+            }
+            let Some(out) = self.outq.pop_front() else {
+                // Pongs queued by tungstenite while reading.
+                return match self.ws.flush(sock) {
+                    Ok(()) => Ok(()),
+                    Err(e) if would_block(&e) => Ok(()),
+                    Err(_) => Err(()),
+                };
+            };
+            self.queued_bytes -= out.bytes().len();
+            match self.ws.write(sock, Message::Binary(out.bytes().clone())) {
+                Ok(()) => self.wrote(out, ctx),
+                Err(e) if would_block(&e) => {
+                    self.in_flight = Some(out);
+                    return Ok(());
+                }
+                Err(_) => {
+                    self.queued_bytes += out.bytes().len();
+                    self.outq.push_front(out);
+                    return Err(());
+                }
+            }
+        }
+    }
+
+    /// `out` reached the kernel.
+    fn wrote(&mut self, out: Out, ctx: &WorkerCtx) {
+        let Out::Relay { fan, .. } = out else {
+            return;
+        };
+        fan.holders.set(fan.holders.get().saturating_sub(1));
+        if !fan.delivered.replace(true)
+            && let Some(s) = fan
+                .sender
+                .filter(|s| s.want_ack && fan.origin == Origin::Live)
+        {
+            ctx.effect(Effect::ServerFrame {
+                to: s.conn,
+                frame: ack(&s, frame::ack_status::DELIVERED),
+            });
+        }
+        if let Origin::Stored(_) = fan.origin {
+            ctx.effect(Effect::DrainProgress { uid: fan.target });
+        }
+    }
+
+    /// `out` will not be written by this connection.
+    fn give_up(&mut self, out: Out, ctx: &WorkerCtx) {
+        let Out::Relay { frame, fan } = out else {
+            return;
+        };
+        fan.holders.set(fan.holders.get().saturating_sub(1));
+        match fan.origin {
+            Origin::Live if fan.holders.get() == 0 && !fan.delivered.get() => {
+                ctx.effect(Effect::Spill {
+                    target: fan.target,
+                    frame,
+                    sender: fan.sender,
+                });
+            }
+            Origin::Live => {}
+            Origin::Stored(_) => ctx.effect(Effect::DrainProgress { uid: fan.target }),
+        }
+    }
+
+    /// Stops taking frames: everything unsent goes back to the relay (and from there to the
+    /// offline queue unless another device has it).
+    pub fn leave(&mut self, ctx: &WorkerCtx, me: ReplyTo) {
+        if self.left {
+            return;
+        }
+        self.left = true;
+        if let Some(out) = self.in_flight.take() {
+            self.give_up(out, ctx);
+        }
+        while let Some(out) = self.outq.pop_front() {
+            self.give_up(out, ctx);
+        }
+        self.queued_bytes = 0;
+        ctx.effect(Effect::Left {
+            uid: self.uid,
+            key: me.key,
+        });
+    }
+
+    /// Starts the closing handshake with `code`.
+    pub fn close(
+        &mut self,
+        sock: &mut TcpStream,
+        ctx: &WorkerCtx,
+        me: ReplyTo,
+        code: u16,
+        reason: &'static str,
+    ) {
+        if self.closing.is_some() {
+            return;
+        }
+        // Give what is already written a chance to leave before the close frame.
+        let _ = self.pump(sock, ctx);
+        self.leave(ctx, me);
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        match self.ws.close(sock, Some(frame)) {
+            Ok(()) => {}
+            Err(e) if would_block(&e) => {}
+            Err(e) => log::debug!("uid {}: close: {e}", self.uid),
+        }
+        self.closing = Some(ctx.now() + self.config.linger);
+    }
+
+    fn read_until_closed(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx, me: ReplyTo) -> Next {
+        loop {
+            match self.ws.read(sock) {
+                Ok(_) => {}
+                Err(e) if would_block(&e) => return Next::Wait,
+                Err(_) => return self.finish(ctx, me),
+            }
+        }
+    }
+
+    /// The connection is over.
+    pub fn finish(&mut self, ctx: &WorkerCtx, me: ReplyTo) -> Next {
+        self.leave(ctx, me);
+        Next::Close
+    }
+
+    /// Keepalive and closing deadlines. `Some(Close)`: drop the connection now.
+    pub fn check_timers(
+        &mut self,
+        sock: &mut TcpStream,
+        ctx: &WorkerCtx,
+        me: ReplyTo,
+    ) -> Option<Next> {
+        let now = ctx.now();
+        if let Some(until) = self.closing {
+            return (now >= until).then(|| self.finish(ctx, me));
+        }
+        let silent = now.duration_since(self.last_inbound);
+        if silent >= self.config.idle_timeout {
+            log::debug!("uid {}: nothing received for {silent:?}, closing", self.uid);
+            self.close(sock, ctx, me, close_code::GOING_AWAY, "idle timeout");
+            return Some(self.finish(ctx, me));
+        }
+        if silent >= self.config.ping_after && !self.ping_sent {
+            self.ping_sent = true;
+            match self.ws.write(sock, Message::Ping(Bytes::new())) {
+                Ok(()) => {}
+                Err(e) if would_block(&e) => {}
+                Err(_) => return Some(self.finish(ctx, me)),
+            }
+        }
+        None
+    }
+
+    /// At shutdown: write what can be written, then close with 1001 (the rest is stored).
+    pub fn shutdown(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx, me: ReplyTo) {
+        self.close(
+            sock,
+            ctx,
+            me,
+            close_code::GOING_AWAY,
+            "server shutting down",
+        );
+    }
+
+    /// Closes because the token was revoked or a newer device replaced this one.
+    pub fn policy_close(
+        &mut self,
+        sock: &mut TcpStream,
+        ctx: &WorkerCtx,
+        me: ReplyTo,
+        reason: &'static str,
+    ) {
+        self.close(sock, ctx, me, close_code::POLICY_VIOLATION, reason);
+    }
+}
+
+/// An ACK frame for the sender of a frame.
+pub fn ack(s: &SenderRef, status: u8) -> Bytes {
+    let mut out = Vec::with_capacity(frame::MIN_FRAME + 13);
+    frame::encode_ack(
+        &mut out,
+        s.uid,
+        crate::api::now_ms(),
+        status,
+        s.timestamp,
+        s.crc,
+    );
+    Bytes::from(out)
+}
