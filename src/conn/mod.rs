@@ -134,6 +134,11 @@ impl Conn {
         }
     }
 
+    /// Whether this is the connection `to` and its session still takes frames.
+    pub fn accepts(&self, to: ReplyTo) -> bool {
+        self.reply_to == to && self.session().is_some_and(WsSession::accepting)
+    }
+
     /// Hands a frame to this connection's WebSocket session (or back to the relay if it has
     /// none any more).
     pub fn push_out(&mut self, out: Out, ctx: &WorkerCtx) {

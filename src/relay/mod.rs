@@ -8,12 +8,13 @@
 //!
 //! A target with no live connection gets its frames appended to its offline queue (through the
 //! writer, acknowledged after the commit). When it connects, the queue is drained through the
-//! same writer — so the drain sees every append queued before it — while new frames for it keep
-//! going to the queue; only when a drain read comes back empty with no append in flight does the
-//! user switch to live delivery.
+//! same writer — so the drain sees every append queued before it — one batch at a time, at most
+//! one drain step in flight. New frames for it wait in memory behind the drain (appended in order
+//! if they grow past a bound); when a drain read comes back empty with no append in flight, the
+//! held frames are delivered and the user switches to live delivery.
 
 use std::cell::Cell;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -25,6 +26,8 @@ pub const DRAIN_BATCH_FRAMES: usize = 256;
 pub const DRAIN_BATCH_BYTES: usize = 1 << 20;
 /// Known-registered uids cached per worker (users are never deleted, so a hit is always right).
 pub const KNOWN_UIDS_CACHE: usize = 1 << 20;
+/// Bytes of live frames held in memory per draining user before they are appended instead.
+pub const HELD_BYTES: usize = 1 << 20;
 
 /// Which worker owns a user's connections.
 pub fn owner(uid: u64, workers: usize) -> usize {
@@ -86,8 +89,8 @@ pub enum Effect {
         frame: Bytes,
         sender: Option<SenderRef>,
     },
-    /// The connection in slot `key` no longer takes frames for `uid`.
-    Left { uid: u64, key: usize },
+    /// The connection `conn` no longer takes frames for `uid`.
+    Left { uid: u64, conn: ReplyTo },
     /// A frame of `uid`'s drain batch was written or given up.
     DrainProgress { uid: u64 },
 }
@@ -130,6 +133,8 @@ pub enum RelayJob {
     },
     Drain {
         uid: u64,
+        /// False for a delete-only step (its empty answer says nothing about the queue).
+        read: bool,
     },
 }
 
@@ -146,8 +151,8 @@ pub enum Mode {
 /// What the owner worker knows about one of its users.
 #[derive(Debug)]
 pub struct UserState {
-    /// Slab keys of the live devices, oldest first.
-    pub conns: Vec<usize>,
+    /// The live devices, oldest first.
+    pub conns: Vec<ReplyTo>,
     pub mode: Mode,
     /// Appends submitted to the writer and not yet committed.
     pub pending_appends: u32,
@@ -158,6 +163,10 @@ pub struct UserState {
     /// The last drain read came back empty while appends were in flight: read again when they
     /// are committed.
     pub drain_after_appends: bool,
+    /// Frames that arrived while draining, held in memory behind the queue (bounded; beyond
+    /// the bound they are appended to the queue in order).
+    pub held: VecDeque<(Bytes, SenderRef)>,
+    pub held_bytes: usize,
 }
 
 impl UserState {
@@ -169,6 +178,8 @@ impl UserState {
             batch: Vec::new(),
             drain_in_flight: false,
             drain_after_appends: false,
+            held: VecDeque::new(),
+            held_bytes: 0,
         }
     }
 
@@ -178,6 +189,7 @@ impl UserState {
             && self.pending_appends == 0
             && !self.drain_in_flight
             && self.batch.is_empty()
+            && self.held.is_empty()
     }
 }
 
@@ -186,7 +198,6 @@ pub struct Relay {
     pub users: HashMap<u64, UserState>,
     /// Messages to other workers, sent at the end of the loop iteration.
     pub outbox: Vec<Vec<RelayMsg>>,
-    known: HashSet<u64>,
 }
 
 impl Relay {
@@ -194,7 +205,6 @@ impl Relay {
         Relay {
             users: HashMap::new(),
             outbox: (0..workers).map(|_| Vec::new()).collect(),
-            known: HashSet::new(),
         }
     }
 
@@ -206,17 +216,6 @@ impl Relay {
         if self.users.get(&uid).is_some_and(UserState::forgettable) {
             self.users.remove(&uid);
         }
-    }
-
-    pub fn is_known(&self, uid: u64) -> bool {
-        self.known.contains(&uid)
-    }
-
-    pub fn remember(&mut self, uid: u64) {
-        if self.known.len() >= KNOWN_UIDS_CACHE {
-            self.known.clear();
-        }
-        self.known.insert(uid);
     }
 }
 

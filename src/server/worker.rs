@@ -20,8 +20,8 @@ use crate::api::Api;
 use crate::conn::{Conn, Next, ReplyTo};
 use crate::frame::{self, error_code};
 use crate::relay::{
-    self, Adopt, DRAIN_BATCH_BYTES, DRAIN_BATCH_FRAMES, Effect, FanOut, Mode, Origin, Relay,
-    RelayJob, RelayMsg, SenderRef,
+    self, Adopt, DRAIN_BATCH_BYTES, DRAIN_BATCH_FRAMES, Effect, FanOut, HELD_BYTES, Mode, Origin,
+    Relay, RelayJob, RelayMsg, SenderRef,
 };
 use crate::store::{WriteOp, WriteOutcome};
 use crate::ws::{self, Out, WsSession};
@@ -334,21 +334,25 @@ impl Worker {
 
     /// A device of `uid` connected on this (its owner) worker.
     fn join(&mut self, uid: u64, key: usize) {
+        let Some(me) = self.conns.get(key).map(Conn::reply_to) else {
+            return;
+        };
         let max_devices = self.ctx.config.max_devices;
         let oldest = {
             let user = self.relay.user(uid);
             (user.conns.len() >= max_devices).then(|| user.conns[0])
         };
         if let Some(old) = oldest
-            && let Some(conn) = self.conns.get_mut(old)
+            && let Some(conn) = self.conns.get_mut(old.key)
+            && conn.reply_to() == old
         {
             conn.policy_close(&self.ctx, "replaced by a newer device");
-            self.dirty.push(old);
+            self.dirty.push(old.key);
         }
         let user = self.relay.user(uid);
-        user.conns.push(key);
+        user.conns.push(me);
         if user.mode == Mode::Offline {
-            let queued = if user.pending_appends > 0 {
+            let queued = if user.pending_appends > 0 || user.drain_in_flight {
                 1
             } else {
                 self.ctx
@@ -362,36 +366,65 @@ impl Worker {
                 user.mode = Mode::Live;
             } else {
                 user.mode = Mode::Draining;
-                self.submit_drain(uid, None, DRAIN_BATCH_FRAMES);
+                self.want_drain(uid);
             }
         }
     }
 
+    /// Starts a drain read unless one is already under way (its answer continues the drain).
+    fn want_drain(&mut self, uid: u64) {
+        let user = self.relay.user(uid);
+        if user.drain_in_flight || !user.batch.is_empty() {
+            return;
+        }
+        self.submit_drain(uid, None, DRAIN_BATCH_FRAMES);
+    }
+
     fn submit_drain(&mut self, uid: u64, delete_through: Option<u64>, max_frames: usize) {
+        // A batch must fit under the slow-consumer limit with room to spare, or draining a
+        // big queue would itself look like a slow consumer.
+        let cfg = &self.ctx.config;
+        let max_bytes =
+            (cfg.slow_consumer_bytes.saturating_sub(cfg.max_frame) / 2).clamp(1, DRAIN_BATCH_BYTES);
         let op = WriteOp::Drain {
             uid,
             delete_through,
             max_frames,
-            max_bytes: DRAIN_BATCH_BYTES,
+            max_bytes,
+        };
+        let job = RelayJob::Drain {
+            uid,
+            read: max_frames > 0,
         };
         let ok = self
             .ctx
             .writer
-            .submit(op, JobCtx::Relay(self.ctx.id, RelayJob::Drain { uid }))
+            .submit(op, JobCtx::Relay(self.ctx.id, job))
             .is_ok();
         let user = self.relay.user(uid);
         if ok {
             user.drain_in_flight = true;
         } else {
             log::warn!("writer queue full: drain of uid {uid} retried later");
-            user.drain_after_appends = true;
         }
     }
 
     /// A frame for `target`, on its owner worker.
     fn deliver(&mut self, target: u64, frame: Bytes, sender: Option<SenderRef>) {
-        let live: Vec<usize> = match self.relay.users.get(&target) {
+        let live: Vec<ReplyTo> = match self.relay.users.get_mut(&target) {
             Some(u) if u.mode == Mode::Live && !u.conns.is_empty() => u.conns.clone(),
+            Some(u) if u.mode == Mode::Draining && !u.conns.is_empty() => {
+                if let Some(s) = sender
+                    && u.held_bytes + frame.len() <= HELD_BYTES
+                {
+                    u.held_bytes += frame.len();
+                    u.held.push_back((frame, s));
+                    return;
+                }
+                // Too much held: everything held goes to the queue first, in order.
+                self.release_held(target);
+                return self.append(target, frame, sender);
+            }
             _ => return self.append(target, frame, sender),
         };
         let fan = Rc::new(FanOut {
@@ -399,10 +432,20 @@ impl Worker {
             origin: Origin::Live,
             sender,
             delivered: Cell::new(false),
-            holders: Cell::new(live.len() as u32),
+            holders: Cell::new(0),
         });
-        for key in live {
-            if let Some(conn) = self.conns.get_mut(key) {
+        if self.fan_out(&live, &frame, &fan) == 0 {
+            self.append(target, frame, sender);
+        }
+    }
+
+    /// Hands a frame to every device in `to` still taking frames; returns how many took it.
+    fn fan_out(&mut self, to: &[ReplyTo], frame: &Bytes, fan: &Rc<FanOut>) -> u32 {
+        for &dest in to {
+            if let Some(conn) = self.conns.get_mut(dest.key)
+                && conn.accepts(dest)
+            {
+                fan.holders.set(fan.holders.get() + 1);
                 conn.push_out(
                     Out::Relay {
                         frame: frame.clone(),
@@ -410,8 +453,34 @@ impl Worker {
                     },
                     &self.ctx,
                 );
-                self.dirty.push(key);
+                self.dirty.push(dest.key);
             }
+        }
+        fan.holders.get()
+    }
+
+    /// Appends every frame held for `uid` to its queue, in order.
+    fn release_held(&mut self, uid: u64) {
+        let held = match self.relay.users.get_mut(&uid) {
+            Some(u) => {
+                u.held_bytes = 0;
+                std::mem::take(&mut u.held)
+            }
+            None => return,
+        };
+        for (frame, sender) in held {
+            self.append(uid, frame, Some(sender));
+        }
+    }
+
+    /// The queue is empty and nothing is on its way to it: deliver what was held, go live.
+    fn go_live(&mut self, uid: u64) {
+        let user = self.relay.user(uid);
+        user.mode = Mode::Live;
+        user.held_bytes = 0;
+        let held = std::mem::take(&mut user.held);
+        for (frame, sender) in held {
+            self.deliver(uid, frame, Some(sender));
         }
     }
 
@@ -486,11 +555,11 @@ impl Worker {
                     }
                 }
                 if redrain && !self.relay.user(target).conns.is_empty() {
-                    self.submit_drain(target, None, DRAIN_BATCH_FRAMES);
+                    self.want_drain(target);
                 }
                 self.relay.forget_if_idle(target);
             }
-            RelayJob::Drain { uid } => {
+            RelayJob::Drain { uid, read } => {
                 let frames = match outcome {
                     WriteOutcome::Drained { frames } => frames,
                     other => {
@@ -502,9 +571,13 @@ impl Worker {
                 user.drain_in_flight = false;
                 if user.conns.is_empty() {
                     user.mode = Mode::Offline;
+                    self.release_held(uid);
+                } else if !read {
+                    // Only deleted; a device connected meanwhile: read on.
+                    self.want_drain(uid);
                 } else if frames.is_empty() {
                     if user.pending_appends == 0 {
-                        user.mode = Mode::Live;
+                        self.go_live(uid);
                     } else {
                         user.drain_after_appends = true;
                     }
@@ -517,23 +590,12 @@ impl Worker {
                             origin: Origin::Stored(seq),
                             sender: None,
                             delivered: Cell::new(false),
-                            holders: Cell::new(holders.len() as u32),
+                            holders: Cell::new(0),
                         });
-                        for &key in &holders {
-                            if let Some(conn) = self.conns.get_mut(key) {
-                                conn.push_out(
-                                    Out::Relay {
-                                        frame: bytes.clone(),
-                                        fan: fan.clone(),
-                                    },
-                                    &self.ctx,
-                                );
-                            }
-                        }
+                        self.fan_out(&holders, &bytes, &fan);
                         batch.push(fan);
                     }
                     self.relay.user(uid).batch = batch;
-                    self.dirty.extend(holders);
                     self.drain_progress(uid);
                 }
                 self.relay.forget_if_idle(uid);
@@ -562,12 +624,17 @@ impl Worker {
         }
     }
 
-    fn left(&mut self, uid: u64, key: usize) {
+    fn left(&mut self, uid: u64, conn: ReplyTo) {
+        let mut now_offline = false;
         if let Some(user) = self.relay.users.get_mut(&uid) {
-            user.conns.retain(|&k| k != key);
+            user.conns.retain(|&c| c != conn);
             if user.conns.is_empty() {
                 user.mode = Mode::Offline;
+                now_offline = true;
             }
+        }
+        if now_offline {
+            self.release_held(uid);
         }
         self.relay.forget_if_idle(uid);
     }
@@ -584,12 +651,13 @@ impl Worker {
             .get(&uid)
             .map(|u| u.conns.clone())
             .unwrap_or_default();
-        for key in keys {
-            if let Some(conn) = self.conns.get_mut(key)
+        for to in keys {
+            if let Some(conn) = self.conns.get_mut(to.key)
+                && conn.accepts(to)
                 && conn.session().is_some_and(|s| s.token_hash == token_hash)
             {
                 conn.policy_close(&self.ctx, "token revoked");
-                self.dirty.push(key);
+                self.dirty.push(to.key);
             }
         }
     }
@@ -675,7 +743,7 @@ impl Worker {
                         frame,
                         sender,
                     } => self.append(target, frame, sender),
-                    Effect::Left { uid, key } => self.left(uid, key),
+                    Effect::Left { uid, conn } => self.left(uid, conn),
                     Effect::DrainProgress { uid } => self.drain_progress(uid),
                 }
             }
@@ -737,7 +805,7 @@ impl Worker {
             .collect();
         for uid in stalled {
             self.relay.user(uid).drain_after_appends = false;
-            self.submit_drain(uid, None, DRAIN_BATCH_FRAMES);
+            self.want_drain(uid);
         }
     }
 

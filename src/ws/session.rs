@@ -100,6 +100,9 @@ pub struct WsSession {
     closing: Option<Instant>,
     /// The relay was told this connection takes no more frames.
     left: bool,
+    /// Closing while a frame is half-written: leave once it is out (or the connection dies),
+    /// so that frame is neither lost nor sent twice, and nothing overtakes it.
+    leave_after_flight: bool,
 }
 
 fn would_block(e: &WsError) -> bool {
@@ -139,10 +142,12 @@ impl WsSession {
             slow: false,
             closing: None,
             left: false,
+            leave_after_flight: false,
         }
     }
 
-    /// Whether the relay may still hand this session frames.
+    /// Whether the relay may still hand this session frames (until it has left, frames keep
+    /// their order in its queue even while closing).
     pub fn accepting(&self) -> bool {
         !self.left
     }
@@ -174,7 +179,7 @@ impl WsSession {
         }
         let mut messages = 0;
         loop {
-            if self.pump(sock, ctx).is_err() {
+            if self.pump(sock, ctx, me).is_err() {
                 return self.finish(ctx, me);
             }
             if self.closing.is_some() {
@@ -199,14 +204,14 @@ impl WsSession {
                         ),
                         Message::Close(_) => {
                             // tungstenite queued the reply; send it and stop taking frames.
-                            self.leave(ctx, me);
+                            self.leave_soon(ctx, me);
                             self.closing = Some(ctx.now() + self.config.linger);
                         }
                         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                     }
                 }
                 Err(e) if would_block(&e) => {
-                    if self.pump(sock, ctx).is_err() {
+                    if self.pump(sock, ctx, me).is_err() {
                         return self.finish(ctx, me);
                     }
                     return Next::Wait;
@@ -307,13 +312,16 @@ impl WsSession {
     }
 
     /// Writes queued output until the socket pushes back. Err: the connection is gone.
-    fn pump(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx) -> Result<(), ()> {
+    fn pump(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx, me: ReplyTo) -> Result<(), ()> {
         loop {
             if self.in_flight.is_some() {
                 match self.ws.flush(sock) {
                     Ok(()) => {
                         if let Some(out) = self.in_flight.take() {
                             self.wrote(out, ctx);
+                        }
+                        if self.leave_after_flight {
+                            self.leave(ctx, me);
                         }
                     }
                     Err(e) if would_block(&e) => return Ok(()),
@@ -407,8 +415,17 @@ impl WsSession {
         self.queued_bytes = 0;
         ctx.effect(Effect::Left {
             uid: self.uid,
-            key: me.key,
+            conn: me,
         });
+    }
+
+    /// Leaves now, or once the half-written frame is out.
+    fn leave_soon(&mut self, ctx: &WorkerCtx, me: ReplyTo) {
+        if self.in_flight.is_some() {
+            self.leave_after_flight = true;
+        } else {
+            self.leave(ctx, me);
+        }
     }
 
     /// Starts the closing handshake with `code`.
@@ -424,8 +441,8 @@ impl WsSession {
             return;
         }
         // Give what is already written a chance to leave before the close frame.
-        let _ = self.pump(sock, ctx);
-        self.leave(ctx, me);
+        let _ = self.pump(sock, ctx, me);
+        self.leave_soon(ctx, me);
         let frame = CloseFrame {
             code: CloseCode::from(code),
             reason: reason.into(),

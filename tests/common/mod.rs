@@ -6,6 +6,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+pub mod ws;
+
 use polyge::{Config, ServerHandle};
 use serde_json::Value;
 

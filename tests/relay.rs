@@ -1,0 +1,440 @@
+//! The relay over real WebSocket connections, with two workers so that senders and targets sit
+//! on different workers (uid % 2 picks the owner).
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::ws::{Got, WsClient, parse_error};
+use common::{TestServer, login, register};
+use polyge::frame::{self, Frame, ack_status, error_code, msg_type};
+
+/// Registers `n` users (u1..un) and returns their (uid, token).
+fn users(s: &TestServer, n: usize) -> Vec<(u64, String)> {
+    let mut c = s.client();
+    (1..=n)
+        .map(|i| {
+            register(&mut c, &format!("u{i}"), 1, "secret1");
+            login(&mut c, &format!("u{i}"), "secret1")
+        })
+        .collect()
+}
+
+fn connect(s: &TestServer, user: &(u64, String), acks: bool) -> WsClient {
+    WsClient::connect(s.addr, user.0, &user.1, acks)
+}
+
+#[test]
+fn live_frames_arrive_byte_identical_across_workers() {
+    let s = TestServer::start(|_| {});
+    let u = users(&s, 2);
+    assert_ne!(
+        u[0].0 % 2,
+        u[1].0 % 2,
+        "sender and target on different workers"
+    );
+    let mut a = connect(&s, &u[0], false);
+    let mut b = connect(&s, &u[1], false);
+    for (i, size) in [0usize, 1, 100, 4000, 60_000].into_iter().enumerate() {
+        let data: Vec<u8> = (0..size).map(|x| (x * 7 + i) as u8).collect();
+        let sent = a.send(b.uid, msg_type::VOICE, 1_700_000_000_000 + i as u64, &data);
+        assert_eq!(b.frame(), sent);
+        let back = b.send(a.uid, msg_type::TEXT, 5, &data);
+        assert_eq!(a.frame(), back);
+    }
+    // The original system's vector, relayed unchanged (uid 1 -> 2 here).
+    let mut v = Vec::new();
+    frame::encode(&mut v, a.uid, b.uid, 0, 1_435_473_323, b"123");
+    a.send_raw(&v);
+    assert_eq!(b.frame(), v);
+}
+
+#[test]
+fn every_device_of_the_target_gets_the_frame() {
+    let s = TestServer::start(|_| {});
+    let u = users(&s, 2);
+    let mut a = connect(&s, &u[0], false);
+    let mut devices: Vec<WsClient> = (0..3).map(|_| connect(&s, &u[1], false)).collect();
+    // Let every device register with the owner before sending.
+    let probe = a.send(u[1].0, 0, 0, b"probe");
+    for d in devices.iter_mut() {
+        assert_eq!(d.frame(), probe);
+    }
+    let sent = a.send(u[1].0, 2, 1, b"picture bytes");
+    for d in devices.iter_mut() {
+        assert_eq!(d.frame(), sent);
+    }
+}
+
+#[test]
+fn a_ninth_device_closes_the_oldest_with_1008() {
+    let s = TestServer::start(|_| {});
+    let u = users(&s, 2);
+    let mut a = connect(&s, &u[0], false);
+    let mut devices: Vec<WsClient> = (0..8).map(|_| connect(&s, &u[1], false)).collect();
+    let probe = a.send(u[1].0, 0, 0, b"probe");
+    for d in devices.iter_mut() {
+        assert_eq!(d.frame(), probe);
+    }
+    let _ninth = connect(&s, &u[1], false);
+    assert_eq!(devices[0].close_code(), Some(1008));
+}
+
+#[test]
+fn offline_frames_are_stored_acked_and_delivered_in_order_on_connect() {
+    let s = TestServer::start(|_| {});
+    let u = users(&s, 2);
+    let mut a = connect(&s, &u[0], true);
+    let mut sent = Vec::new();
+    for i in 0..50u64 {
+        sent.push(a.send(u[1].0, 0, i, format!("offline {i}").as_bytes()));
+        let (t, data) = a.server_frame();
+        assert_eq!(t, msg_type::ACK);
+        assert_eq!(data[0], ack_status::STORED, "frame {i} stored");
+        assert_eq!(&data[1..9], &i.to_be_bytes());
+        assert_eq!(
+            &data[9..13],
+            &frame::crc_field(&sent[i as usize]).to_be_bytes()
+        );
+    }
+    let mut b = connect(&s, &u[1], false);
+    for want in &sent {
+        assert_eq!(&b.frame(), want);
+    }
+    // Then live frames. Until the drain has confirmed the queue is empty they are still queued
+    // (behind the drain, so in order); after that they are delivered directly.
+    let mut delivered = false;
+    for i in 100..200u64 {
+        let live = a.send(u[1].0, 0, i, b"live");
+        assert_eq!(b.frame(), live);
+        let (t, data) = a.server_frame();
+        assert_eq!(t, msg_type::ACK);
+        if data[0] == ack_status::DELIVERED {
+            delivered = true;
+            break;
+        }
+    }
+    assert!(delivered, "the target never went live");
+    // The queue was emptied: a reconnect gets nothing old.
+    drop(b);
+    let mut b = connect(&s, &u[1], false);
+    b.set_timeout(Duration::from_millis(300));
+    assert!(matches!(b.next(), Got::Timeout));
+}
+
+#[test]
+fn queued_frames_survive_a_restart() {
+    let mut s = TestServer::start(|_| {});
+    let u = users(&s, 2);
+    let mut a = connect(&s, &u[0], true);
+    let sent: Vec<Vec<u8>> = (0..20u64)
+        .map(|i| {
+            let f = a.send(u[1].0, 1, i, &[i as u8; 300]);
+            assert_eq!(a.server_frame().1[0], ack_status::STORED);
+            f
+        })
+        .collect();
+    drop(a);
+    s.restart();
+    let mut b = connect(&s, &u[1], false);
+    for want in &sent {
+        assert_eq!(&b.frame(), want);
+    }
+}
+
+#[test]
+fn every_error_code() {
+    let s = TestServer::start(|c| {
+        c.rate_per_sec = 1;
+        c.rate_burst = 3;
+        c.queue_max_frames = 1;
+    });
+    let u = users(&s, 3);
+    let mut a = connect(&s, &u[0], false);
+    let target = u[1].0;
+    let check = |a: &mut WsClient, code: u8, crc: u32| {
+        let (t, data) = a.server_frame();
+        assert_eq!(t, msg_type::ERROR);
+        let (c, bad_crc, reason) = parse_error(&data);
+        assert_eq!((c, bad_crc), (code, crc), "{reason}");
+        assert!(!reason.is_empty());
+    };
+    a.send_raw(&[1, 2, 3]);
+    check(&mut a, error_code::TOO_SHORT, 0);
+    let mut bad = a.send_frame_bytes(target, 0, b"x");
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    a.send_raw(&bad);
+    check(&mut a, error_code::BAD_CRC, frame::crc_field(&bad));
+    let f = a.send(target, msg_type::ACK, 0, b"");
+    check(&mut a, error_code::RESERVED_TYPE, frame::crc_field(&f));
+    let mut spoof = Vec::new();
+    frame::encode(&mut spoof, u[2].0, target, 0, 0, b"not me");
+    a.send_raw(&spoof);
+    check(&mut a, error_code::SPOOFED_SENDER, frame::crc_field(&spoof));
+    let f = a.send(999_999, 0, 0, b"nobody");
+    check(&mut a, error_code::UNKNOWN_TARGET, frame::crc_field(&f));
+    // Target offline with a queue of 1: the first frame is stored, the second refused.
+    a.send(target, 0, 1, b"stored");
+    let f = a.send(target, 0, 2, b"refused");
+    check(&mut a, error_code::QUEUE_FULL, frame::crc_field(&f));
+    // Two frames passed every other check and took a token each; one more empties the
+    // bucket (burst 3), and the next is rate limited.
+    a.send(u[2].0, 0, 3, b"last token");
+    let f = a.send(u[2].0, 0, 4, b"too fast");
+    check(&mut a, error_code::RATE_LIMITED, frame::crc_field(&f));
+    // Errors drop only the frame: the connection still works.
+    let mut b = connect(&s, &u[1], false);
+    assert_eq!(Frame::parse(&b.frame()).unwrap().data(), b"stored");
+}
+
+trait FrameBytes {
+    fn send_frame_bytes(&self, target: u64, t: u8, data: &[u8]) -> Vec<u8>;
+}
+
+impl FrameBytes for WsClient {
+    fn send_frame_bytes(&self, target: u64, t: u8, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame::encode(&mut out, self.uid, target, t, 0, data);
+        out
+    }
+}
+
+#[test]
+fn text_oversized_and_malformed_messages_close_the_connection() {
+    let s = TestServer::start(|c| c.max_frame = 1024);
+    let u = users(&s, 2);
+    let mut a = connect(&s, &u[0], false);
+    a.ws.send(tungstenite::Message::Text("hello".into()))
+        .unwrap();
+    assert_eq!(a.close_code(), Some(1003));
+
+    let mut a = connect(&s, &u[0], false);
+    a.send(u[1].0, 0, 0, &[0u8; 2000]);
+    assert_eq!(a.close_code(), Some(1009));
+
+    // An unmasked client frame breaks RFC 6455: protocol error.
+    let mut a = connect(&s, &u[0], false);
+    use std::io::Write;
+    a.ws.get_mut().write_all(&[0x82, 0x02, 0xaa, 0xbb]).unwrap();
+    assert_eq!(a.close_code(), Some(1002));
+}
+
+#[test]
+fn upgrade_refusals_are_http_answers() {
+    let s = TestServer::start(|_| {});
+    let u = users(&s, 1);
+    let mut c = s.client();
+    let head = |token: &str, extra: &str| {
+        format!(
+            "GET /wsconn?token={token} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        )
+    };
+    c.send(
+        head(
+            "00000000000000000000000000000000",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        )
+        .as_bytes(),
+    );
+    let r = c.read_response();
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"success": false, "msg": "invalid token"})
+    );
+    let mut c = s.client();
+    c.send(head(&u[0].1, "Sec-WebSocket-Key: bm90IDE2IGJ5dGVz\r\n").as_bytes());
+    assert_eq!(c.read_response().status, 400);
+    let mut c = s.client();
+    c.send(format!("GET /wsconn?token={} HTTP/1.1\r\n\r\n", u[0].1).as_bytes());
+    assert_eq!(c.read_response().status, 400);
+}
+
+#[test]
+fn frames_sent_with_the_upgrade_request_are_not_lost() {
+    let s = TestServer::start(|_| {});
+    let u = users(&s, 2);
+    let mut b = connect(&s, &u[1], false);
+    // Handshake and a first (masked) frame in one write.
+    let mut f = Vec::new();
+    frame::encode(&mut f, u[0].0, u[1].0, 0, 7, b"early");
+    let mut raw = format!(
+        "GET /wsconn?token={} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        u[0].1
+    )
+    .into_bytes();
+    let mask = [1u8, 2, 3, 4];
+    raw.push(0x82);
+    raw.push(0x80 | f.len() as u8);
+    raw.extend_from_slice(&mask);
+    raw.extend(f.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut c = s.client();
+    c.send(&raw);
+    assert_eq!(b.frame(), f);
+}
+
+#[test]
+fn revoked_tokens_close_their_connections_on_any_worker() {
+    let s = TestServer::start(|_| {});
+    let u = users(&s, 2);
+    for user in &u {
+        let mut ws = connect(&s, user, false);
+        let mut c = s.client();
+        let r = c.get(&format!("/logout?token={}", user.1));
+        assert_eq!(r.json()["success"], true);
+        assert_eq!(ws.close_code(), Some(1008), "uid {}", user.0);
+    }
+    // Refresh revokes the old token too.
+    let mut c = s.client();
+    let (_, token) = login(&mut c, "u1", "secret1");
+    let mut ws = WsClient::connect(s.addr, u[0].0, &token, false);
+    let r = c.get(&format!("/refresh_token?token={token}&client_id=123"));
+    assert_eq!(r.json()["success"], true);
+    assert_eq!(ws.close_code(), Some(1008));
+}
+
+/// A target that never reads: once its unsent bytes pass the limit it is closed with 1013, the
+/// rest goes to its offline queue, and after reconnecting it has every frame exactly once, in
+/// order.
+#[test]
+fn slow_consumer_gets_1013_and_later_everything() {
+    let s = TestServer::start(|c| {
+        c.slow_consumer_bytes = 256 * 1024;
+        c.rate_per_sec = 1_000_000;
+        c.rate_burst = 1_000_000;
+    });
+    let u = users(&s, 2);
+    let mut a = connect(&s, &u[0], false);
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(16 * 1024).unwrap();
+    sock.connect(&s.addr.into()).unwrap();
+    let mut b = WsClient::connect_with(sock.into(), s.addr, u[1].0, &u[1].1, false);
+    let probe = a.send(u[1].0, 0, 0, b"probe");
+    assert_eq!(b.frame(), probe);
+    const N: u64 = 1500;
+    let payload = vec![7u8; 8 * 1024];
+    let sent: Vec<Vec<u8>> = (1..=N).map(|i| a.send(u[1].0, 0, i, &payload)).collect();
+    // Now read: what reached B's socket before the close, then the close code.
+    let mut got = Vec::new();
+    let code = loop {
+        match b.next() {
+            Got::Frame(f) => got.push(f),
+            Got::Closed(code) => break code,
+            Got::Timeout => panic!("no 1013"),
+        }
+    };
+    assert_eq!(code, Some(1013));
+    assert!(got.len() < N as usize, "the target was not slow after all");
+    let first_session = got.len();
+    let mut b = connect(&s, &u[1], false);
+    while got.len() < N as usize {
+        got.push(b.frame());
+    }
+    let ts: Vec<u64> = got
+        .iter()
+        .map(|f| Frame::parse(f).unwrap().timestamp())
+        .collect();
+    let first_bad = ts.iter().enumerate().find(|(i, t)| **t != *i as u64 + 1);
+    assert!(
+        first_bad.is_none(),
+        "{first_session} frames before the close; first out of place: {first_bad:?}; around it: {:?}",
+        first_bad.map(|(i, _)| &ts[i.saturating_sub(3)..(i + 3).min(ts.len())])
+    );
+    assert_eq!(got, sent);
+}
+
+#[test]
+fn ten_thousand_frames_from_many_senders_arrive_exactly_once_in_order() {
+    const SENDERS: usize = 20;
+    const PER_SENDER: u64 = 500;
+    let s = TestServer::start(|_| {});
+    let u = users(&s, SENDERS + 1);
+    let target = u[SENDERS].clone();
+    let mut b = connect(&s, &target, false);
+    let probe_sender = &u[0];
+    let mut p = connect(&s, probe_sender, false);
+    let probe = p.send(target.0, 0, 0, b"probe");
+    assert_eq!(b.frame(), probe);
+    drop(p);
+    let threads: Vec<_> = u[..SENDERS]
+        .iter()
+        .cloned()
+        .map(|user| {
+            let addr = s.addr;
+            std::thread::spawn(move || {
+                let mut ws = WsClient::connect(addr, user.0, &user.1, false);
+                for seq in 1..=PER_SENDER {
+                    ws.send(target.0, 0, seq, &seq.to_be_bytes());
+                }
+                ws
+            })
+        })
+        .collect();
+    let mut last: HashMap<u64, u64> = HashMap::new();
+    for _ in 0..SENDERS as u64 * PER_SENDER {
+        let bytes = b.frame();
+        let f = Frame::parse(&bytes).unwrap();
+        let prev = last.insert(f.uid(), f.timestamp()).unwrap_or(0);
+        assert_eq!(
+            f.timestamp(),
+            prev + 1,
+            "sender {} out of order or duplicated",
+            f.uid()
+        );
+    }
+    let _senders: Vec<WsClient> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(last.len(), SENDERS);
+    assert!(last.values().all(|&v| v == PER_SENDER));
+    b.set_timeout(Duration::from_millis(300));
+    assert!(matches!(b.next(), Got::Timeout), "a duplicate arrived");
+}
+
+/// The race of HARD-PARTS 7: the target connects and disconnects over and over while a sender
+/// keeps sending. Across all the target's sessions every frame arrives exactly once, in order.
+#[test]
+fn reconnect_races_keep_order_and_exactly_once() {
+    const FRAMES: u64 = 3000;
+    let s = TestServer::start(|_| {});
+    let u = users(&s, 2);
+    let (a_user, b_user) = (u[0].clone(), u[1].clone());
+    let addr = s.addr;
+    let sender = std::thread::spawn(move || {
+        let mut a = WsClient::connect(addr, a_user.0, &a_user.1, true);
+        for i in 1..=FRAMES {
+            a.send(b_user.0, 0, i, &i.to_be_bytes());
+        }
+        // Every frame is acknowledged (delivered or stored): none is lost silently.
+        for _ in 0..FRAMES {
+            let (t, _) = a.server_frame();
+            assert_eq!(t, msg_type::ACK);
+        }
+    });
+    let mut got: Vec<u64> = Vec::new();
+    let mut sessions = 0;
+    while got.len() < FRAMES as usize {
+        let mut b = WsClient::connect(addr, u[1].0, &u[1].1, false);
+        sessions += 1;
+        b.set_timeout(Duration::from_millis(5));
+        for _ in 0..(sessions % 7) * 3 {
+            match b.next() {
+                Got::Frame(f) => got.push(Frame::parse(&f).unwrap().timestamp()),
+                Got::Timeout => break,
+                Got::Closed(c) => panic!("closed {c:?}"),
+            }
+        }
+        b.set_timeout(common::ANSWER_TIMEOUT);
+        for f in b.close_collect() {
+            got.push(Frame::parse(&f).unwrap().timestamp());
+        }
+        assert!(sessions < 100_000, "no progress");
+    }
+    sender.join().unwrap();
+    let first_bad = got.iter().enumerate().find(|(i, ts)| **ts != *i as u64 + 1);
+    assert!(
+        first_bad.is_none() && got.len() == FRAMES as usize,
+        "after {sessions} sessions: {} frames, first out of place: {first_bad:?}",
+        got.len()
+    );
+}
