@@ -25,6 +25,31 @@ fn connect(s: &TestServer, user: &(u64, String), acks: bool) -> WsClient {
     WsClient::connect(s.addr, user.0, &user.1, acks)
 }
 
+/// Waits until every device is registered with its owner worker (the hand-over after the
+/// upgrade is asynchronous): probes until one probe reaches all of them.
+fn sync_devices(a: &mut WsClient, target: u64, devices: &mut [WsClient]) {
+    for attempt in 0..100u64 {
+        let probe = a.send(target, 0, 1_000_000 + attempt, b"probe");
+        let mut all = true;
+        for d in devices.iter_mut() {
+            d.set_timeout(Duration::from_millis(200));
+            let got = loop {
+                match d.next() {
+                    Got::Frame(f) if f == probe => break true,
+                    Got::Frame(_) => {}
+                    _ => break false,
+                }
+            };
+            d.set_timeout(common::ANSWER_TIMEOUT);
+            all &= got;
+        }
+        if all {
+            return;
+        }
+    }
+    panic!("devices never all registered");
+}
+
 #[test]
 fn live_frames_arrive_byte_identical_across_workers() {
     let s = TestServer::start(|_| {});
@@ -56,11 +81,7 @@ fn every_device_of_the_target_gets_the_frame() {
     let u = users(&s, 2);
     let mut a = connect(&s, &u[0], false);
     let mut devices: Vec<WsClient> = (0..3).map(|_| connect(&s, &u[1], false)).collect();
-    // Let every device register with the owner before sending.
-    let probe = a.send(u[1].0, 0, 0, b"probe");
-    for d in devices.iter_mut() {
-        assert_eq!(d.frame(), probe);
-    }
+    sync_devices(&mut a, u[1].0, &mut devices);
     let sent = a.send(u[1].0, 2, 1, b"picture bytes");
     for d in devices.iter_mut() {
         assert_eq!(d.frame(), sent);
@@ -73,10 +94,7 @@ fn a_ninth_device_closes_the_oldest_with_1008() {
     let u = users(&s, 2);
     let mut a = connect(&s, &u[0], false);
     let mut devices: Vec<WsClient> = (0..8).map(|_| connect(&s, &u[1], false)).collect();
-    let probe = a.send(u[1].0, 0, 0, b"probe");
-    for d in devices.iter_mut() {
-        assert_eq!(d.frame(), probe);
-    }
+    sync_devices(&mut a, u[1].0, &mut devices);
     let _ninth = connect(&s, &u[1], false);
     assert_eq!(devices[0].close_code(), Some(1008));
 }
@@ -436,5 +454,92 @@ fn reconnect_races_keep_order_and_exactly_once() {
         first_bad.is_none() && got.len() == FRAMES as usize,
         "after {sessions} sessions: {} frames, first out of place: {first_bad:?}",
         got.len()
+    );
+}
+
+#[test]
+fn silent_connections_are_pinged_then_closed() {
+    let s = TestServer::start(|c| {
+        c.ping_after = Duration::from_millis(200);
+        c.ws_idle_timeout = Duration::from_millis(800);
+    });
+    let u = users(&s, 1);
+    // A client that reads gets pings (and tungstenite answers them), so it stays open.
+    let mut a = connect(&s, &u[0], false);
+    a.set_timeout(Duration::from_millis(100));
+    let mut pings = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        match a.ws.read() {
+            Ok(tungstenite::Message::Ping(_)) => pings += 1,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("closed although it answered pings: {e}"),
+        }
+    }
+    assert!(pings >= 1);
+    // A client that never answers is closed.
+    let mut b = connect(&s, &u[0], false);
+    std::thread::sleep(Duration::from_millis(1200));
+    b.set_timeout(common::ANSWER_TIMEOUT);
+    loop {
+        match b.ws.read() {
+            Ok(tungstenite::Message::Close(_)) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Stop with frames in flight: targets get 1001, and every frame sent before the stop is either
+/// received before it or waiting in the queue after the restart — exactly once, in order.
+#[test]
+fn shutdown_closes_with_1001_and_loses_nothing() {
+    const FRAMES: u64 = 2000;
+    let mut s = TestServer::start(|c| {
+        c.rate_per_sec = 1_000_000;
+        c.rate_burst = 1_000_000;
+    });
+    let u = users(&s, 2);
+    let mut a = connect(&s, &u[0], true);
+    let mut b = connect(&s, &u[1], false);
+    let probe = a.send(u[1].0, 0, 0, b"probe");
+    assert_eq!(b.frame(), probe);
+    assert_eq!(a.server_frame().1[0], ack_status::DELIVERED);
+    for i in 1..=FRAMES {
+        a.send(u[1].0, 0, i, &[1u8; 200]);
+    }
+    // Every frame was handled (delivered or stored) once its ACK is back.
+    for _ in 0..FRAMES {
+        assert_eq!(a.server_frame().0, msg_type::ACK);
+    }
+    let mut got: Vec<u64> = Vec::new();
+    // B reads a few, then the server stops.
+    for _ in 0..10 {
+        got.push(Frame::parse(&b.frame()).unwrap().timestamp());
+    }
+    let handle = s.take_handle();
+    handle.stopper().stop();
+    let code = loop {
+        match b.next() {
+            Got::Frame(f) => got.push(Frame::parse(&f).unwrap().timestamp()),
+            Got::Closed(code) => break code,
+            Got::Timeout => panic!("no close"),
+        }
+    };
+    assert_eq!(code, Some(1001));
+    handle.join();
+    s.restart();
+    let mut b = connect(&s, &u[1], false);
+    while got.len() < FRAMES as usize {
+        got.push(Frame::parse(&b.frame()).unwrap().timestamp());
+    }
+    let want: Vec<u64> = (1..=FRAMES).collect();
+    assert!(
+        got == want,
+        "lost, duplicated or reordered across the restart"
     );
 }

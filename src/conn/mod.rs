@@ -160,7 +160,7 @@ impl Conn {
     pub fn on_close(&mut self, ctx: &WorkerCtx) {
         let me = self.reply_to;
         if let Phase::WebSocket(ws) = &mut self.phase {
-            ws.leave(ctx, me);
+            ws.finish(ctx, me);
         }
     }
 

@@ -83,12 +83,18 @@ pub enum Effect {
     },
     /// A server frame (ACK or ERROR) for the connection `to`.
     ServerFrame { to: ReplyTo, frame: Bytes },
-    /// A live frame no device of `target` got: it goes to the offline queue.
+    /// A live frame no device of `target` got: it goes to the offline queue. With `tentative`,
+    /// it may still get out on its way: then it is retracted (see [`Effect::Retract`]).
     Spill {
         target: u64,
         frame: Bytes,
         sender: Option<SenderRef>,
+        tentative: Option<u64>,
     },
+    /// The tentatively queued frame `id` did get out: delete the queued copy.
+    Retract { id: u64 },
+    /// The tentatively queued frame `id` did not get out: the queued copy stands.
+    Keep { id: u64 },
     /// The connection `conn` no longer takes frames for `uid`.
     Left { uid: u64, conn: ReplyTo },
     /// A frame of `uid`'s drain batch was written or given up.
@@ -130,6 +136,10 @@ pub enum RelayJob {
     Append {
         target: u64,
         sender: Option<SenderRef>,
+        tentative: Option<u64>,
+    },
+    Retract {
+        uid: u64,
     },
     Drain {
         uid: u64,
@@ -156,6 +166,9 @@ pub struct UserState {
     pub mode: Mode,
     /// Appends submitted to the writer and not yet committed.
     pub pending_appends: u32,
+    /// Tentatively queued frames not yet kept or retracted: no drain reads the queue until
+    /// they are settled, so a retracted copy is never delivered.
+    pub tentatives: u32,
     /// The drain batch being written, oldest first.
     pub batch: Vec<Rc<FanOut>>,
     /// A drain read is at the writer.
@@ -175,6 +188,7 @@ impl UserState {
             conns: Vec::new(),
             mode: Mode::Offline,
             pending_appends: 0,
+            tentatives: 0,
             batch: Vec::new(),
             drain_in_flight: false,
             drain_after_appends: false,
@@ -187,15 +201,28 @@ impl UserState {
     pub fn forgettable(&self) -> bool {
         self.conns.is_empty()
             && self.pending_appends == 0
+            && self.tentatives == 0
             && !self.drain_in_flight
             && self.batch.is_empty()
             && self.held.is_empty()
     }
 }
 
+/// A frame queued ahead of time by a closing connection that was still writing it.
+#[derive(Debug)]
+pub struct Tentative {
+    pub uid: u64,
+    pub sender: Option<SenderRef>,
+    /// The append's result: the sequence number, or `Err` if it was refused.
+    pub seq: Option<Result<u64, ()>>,
+    /// Whether the frame got out (`true`: retract the copy).
+    pub got_out: Option<bool>,
+}
+
 /// The relay state of one worker.
 pub struct Relay {
     pub users: HashMap<u64, UserState>,
+    pub tentatives: HashMap<u64, Tentative>,
     /// Messages to other workers, sent at the end of the loop iteration.
     pub outbox: Vec<Vec<RelayMsg>>,
 }
@@ -204,6 +231,7 @@ impl Relay {
     pub fn new(workers: usize) -> Relay {
         Relay {
             users: HashMap::new(),
+            tentatives: HashMap::new(),
             outbox: (0..workers).map(|_| Vec::new()).collect(),
         }
     }

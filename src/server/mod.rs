@@ -66,6 +66,7 @@ pub struct WorkerCtx {
     draining: Cell<bool>,
     effects: RefCell<Vec<Effect>>,
     registered: RefCell<HashSet<u64>>,
+    next_tentative: Cell<u64>,
 }
 
 impl WorkerCtx {
@@ -82,6 +83,13 @@ impl WorkerCtx {
     /// Queues relay work for the worker (done once the connection is no longer borrowed).
     pub fn effect(&self, e: Effect) {
         self.effects.borrow_mut().push(e);
+    }
+
+    /// A fresh id for a tentatively queued frame.
+    pub fn next_tentative(&self) -> u64 {
+        let id = self.next_tentative.get();
+        self.next_tentative.set(id + 1);
+        id
     }
 
     fn take_effects(&self) -> Vec<Effect> {
@@ -343,6 +351,7 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
                         draining: Cell::new(false),
                         effects: RefCell::new(Vec::new()),
                         registered: RefCell::new(HashSet::new()),
+                        next_tentative: Cell::new(0),
                     };
                     match worker::Worker::new(poll, listener, inbox, ctx, shared) {
                         Ok(w) => w.run(),

@@ -76,7 +76,12 @@ impl Worker {
     ) -> io::Result<Worker> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let shortest = ctx.config.request_timeout.min(ctx.config.idle_timeout);
+        let c = &ctx.config;
+        let shortest = c
+            .request_timeout
+            .min(c.idle_timeout)
+            .min(c.ping_after)
+            .min(c.ws_idle_timeout);
         let sweep_every = (shortest / 10).clamp(MIN_SWEEP_INTERVAL, MAX_SWEEP_INTERVAL);
         Ok(Worker {
             poll,
@@ -352,7 +357,8 @@ impl Worker {
         let user = self.relay.user(uid);
         user.conns.push(me);
         if user.mode == Mode::Offline {
-            let queued = if user.pending_appends > 0 || user.drain_in_flight {
+            let queued = if user.pending_appends > 0 || user.tentatives > 0 || user.drain_in_flight
+            {
                 1
             } else {
                 self.ctx
@@ -375,6 +381,10 @@ impl Worker {
     fn want_drain(&mut self, uid: u64) {
         let user = self.relay.user(uid);
         if user.drain_in_flight || !user.batch.is_empty() {
+            return;
+        }
+        if user.tentatives > 0 {
+            user.drain_after_appends = true;
             return;
         }
         self.submit_drain(uid, None, DRAIN_BATCH_FRAMES);
@@ -423,9 +433,9 @@ impl Worker {
                 }
                 // Too much held: everything held goes to the queue first, in order.
                 self.release_held(target);
-                return self.append(target, frame, sender);
+                return self.append(target, frame, sender, None);
             }
-            _ => return self.append(target, frame, sender),
+            _ => return self.append(target, frame, sender, None),
         };
         let fan = Rc::new(FanOut {
             target,
@@ -435,7 +445,7 @@ impl Worker {
             holders: Cell::new(0),
         });
         if self.fan_out(&live, &frame, &fan) == 0 {
-            self.append(target, frame, sender);
+            self.append(target, frame, sender, None);
         }
     }
 
@@ -469,7 +479,7 @@ impl Worker {
             None => return,
         };
         for (frame, sender) in held {
-            self.append(uid, frame, Some(sender));
+            self.append(uid, frame, Some(sender), None);
         }
     }
 
@@ -485,19 +495,104 @@ impl Worker {
     }
 
     /// Appends a frame to `target`'s offline queue; its sender hears back after the commit.
-    fn append(&mut self, target: u64, frame: Bytes, sender: Option<SenderRef>) {
+    fn append(
+        &mut self,
+        target: u64,
+        frame: Bytes,
+        sender: Option<SenderRef>,
+        tentative: Option<u64>,
+    ) {
+        if let Some(id) = tentative {
+            self.relay.tentatives.insert(
+                id,
+                relay::Tentative {
+                    uid: target,
+                    sender,
+                    seq: None,
+                    got_out: None,
+                },
+            );
+            self.relay.user(target).tentatives += 1;
+        }
         let op = WriteOp::Append {
             uid: target,
             frame,
             limits: self.ctx.queue_limits,
         };
-        let job = RelayJob::Append { target, sender };
+        // A tentative frame is acknowledged when it is settled, not when it is queued.
+        let job = RelayJob::Append {
+            target,
+            sender: if tentative.is_some() { None } else { sender },
+            tentative,
+        };
         match self.ctx.writer.submit(op, JobCtx::Relay(self.ctx.id, job)) {
             Ok(()) => self.relay.user(target).pending_appends += 1,
-            Err(_) => {
-                log::warn!("writer queue full: a frame for uid {target} was refused");
-                self.refuse(sender, "offline queue unavailable, retry later");
+            Err(_) => match tentative {
+                Some(id) => self.tentative_update(id, Some(Err(())), None),
+                None => {
+                    log::warn!("writer queue full: a frame for uid {target} was refused");
+                    self.refuse(sender, "offline queue unavailable, retry later");
+                }
+            },
+        }
+    }
+
+    /// Records what is known of a tentatively queued frame; once both its append result and
+    /// its fate are known, keeps or retracts the queued copy.
+    fn tentative_update(&mut self, id: u64, seq: Option<Result<u64, ()>>, got_out: Option<bool>) {
+        let Some(t) = self.relay.tentatives.get_mut(&id) else {
+            return;
+        };
+        if seq.is_some() {
+            t.seq = seq;
+        }
+        if got_out.is_some() {
+            t.got_out = got_out;
+        }
+        let (Some(seq), Some(got_out)) = (t.seq, t.got_out) else {
+            return;
+        };
+        let Some(t) = self.relay.tentatives.remove(&id) else {
+            return;
+        };
+        match (seq, got_out) {
+            (Ok(seq), true) => {
+                let op = WriteOp::Retract { uid: t.uid, seq };
+                let job = RelayJob::Retract { uid: t.uid };
+                if self
+                    .ctx
+                    .writer
+                    .submit(op, JobCtx::Relay(self.ctx.id, job))
+                    .is_ok()
+                {
+                    self.relay.user(t.uid).pending_appends += 1;
+                } else {
+                    log::error!("writer queue full: uid {} may get frame {seq} twice", t.uid);
+                }
             }
+            (Ok(_), false) => {
+                if let Some(s) = t.sender.filter(|s| s.want_ack) {
+                    self.server_frame(s.conn, ws::ack(&s, frame::ack_status::STORED));
+                }
+            }
+            (Err(()), false) => self.refuse(t.sender, "offline queue of the target is full"),
+            (Err(()), true) => {}
+        }
+        let user = self.relay.user(t.uid);
+        user.tentatives = user.tentatives.saturating_sub(1);
+        self.maybe_redrain(t.uid);
+        self.relay.forget_if_idle(t.uid);
+    }
+
+    /// Continues a drain that waited for appends or tentative frames to settle.
+    fn maybe_redrain(&mut self, uid: u64) {
+        let user = self.relay.user(uid);
+        if user.pending_appends == 0
+            && user.tentatives == 0
+            && !user.conns.is_empty()
+            && std::mem::take(&mut user.drain_after_appends)
+        {
+            self.want_drain(uid);
         }
     }
 
@@ -535,11 +630,37 @@ impl Worker {
 
     fn relay_write_done(&mut self, job: RelayJob, outcome: WriteOutcome) {
         match job {
-            RelayJob::Append { target, sender } => {
+            RelayJob::Retract { uid } => {
+                let user = self.relay.user(uid);
+                user.pending_appends = user.pending_appends.saturating_sub(1);
+                self.maybe_redrain(uid);
+                self.relay.forget_if_idle(uid);
+            }
+            RelayJob::Append {
+                target,
+                sender: _,
+                tentative: Some(id),
+            } => {
                 let user = self.relay.user(target);
                 user.pending_appends = user.pending_appends.saturating_sub(1);
-                let redrain =
-                    user.pending_appends == 0 && std::mem::take(&mut user.drain_after_appends);
+                let seq = match outcome {
+                    WriteOutcome::Appended { seq } => Ok(seq),
+                    _ => Err(()),
+                };
+                self.tentative_update(id, Some(seq), None);
+                self.maybe_redrain(target);
+                self.relay.forget_if_idle(target);
+            }
+            RelayJob::Append {
+                target,
+                sender,
+                tentative: None,
+            } => {
+                let user = self.relay.user(target);
+                user.pending_appends = user.pending_appends.saturating_sub(1);
+                let redrain = user.pending_appends == 0
+                    && user.tentatives == 0
+                    && std::mem::take(&mut user.drain_after_appends);
                 match outcome {
                     WriteOutcome::Appended { .. } => {
                         if let Some(s) = sender.filter(|s| s.want_ack) {
@@ -576,7 +697,7 @@ impl Worker {
                     // Only deleted; a device connected meanwhile: read on.
                     self.want_drain(uid);
                 } else if frames.is_empty() {
-                    if user.pending_appends == 0 {
+                    if user.pending_appends == 0 && user.tentatives == 0 {
                         self.go_live(uid);
                     } else {
                         user.drain_after_appends = true;
@@ -625,15 +746,10 @@ impl Worker {
     }
 
     fn left(&mut self, uid: u64, conn: ReplyTo) {
-        let mut now_offline = false;
-        if let Some(user) = self.relay.users.get_mut(&uid) {
-            user.conns.retain(|&c| c != conn);
-            if user.conns.is_empty() {
-                user.mode = Mode::Offline;
-                now_offline = true;
-            }
-        }
-        if now_offline {
+        let user = self.relay.user(uid);
+        user.conns.retain(|&c| c != conn);
+        if user.conns.is_empty() {
+            user.mode = Mode::Offline;
             self.release_held(uid);
         }
         self.relay.forget_if_idle(uid);
@@ -742,8 +858,11 @@ impl Worker {
                         target,
                         frame,
                         sender,
-                    } => self.append(target, frame, sender),
+                        tentative,
+                    } => self.append(target, frame, sender, tentative),
                     Effect::Left { uid, conn } => self.left(uid, conn),
+                    Effect::Retract { id } => self.tentative_update(id, None, Some(true)),
+                    Effect::Keep { id } => self.tentative_update(id, None, Some(false)),
                     Effect::DrainProgress { uid } => self.drain_progress(uid),
                 }
             }

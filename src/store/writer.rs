@@ -77,6 +77,11 @@ pub enum WriteOp {
         frame: Bytes,
         limits: QueueLimits,
     },
+    /// Deletes one queued frame of `uid`, if it is still there.
+    Retract {
+        uid: u64,
+        seq: u64,
+    },
     /// Deletes `uid`'s queued frames up to and including `delete_through`, then reads the next
     /// ones (at most `max_frames` / about `max_bytes`).
     Drain {
@@ -127,6 +132,8 @@ pub enum WriteOutcome {
     },
     /// The queue is at its frame or byte limit; the frame was not stored.
     QueueFull,
+    /// The frame is no longer queued.
+    Retracted,
     /// The next queued frames, oldest first (empty: the queue is empty).
     Drained {
         frames: Vec<(u64, Bytes)>,
@@ -314,6 +321,16 @@ fn apply(txn: &mut RwTxn<'_>, dbs: &Dbs, op: &WriteOp) -> Result<WriteOutcome, S
             Ok(WriteOutcome::ProfileUpdated)
         }
         WriteOp::Append { uid, frame, limits } => append(txn, dbs, *uid, frame, limits),
+        WriteOp::Retract { uid, seq } => {
+            let mut meta = queue_meta(txn, dbs, *uid)?;
+            if let Some(old) = dbs.offline.get(txn, &queue_key(*uid, *seq))? {
+                meta.bytes = meta.bytes.saturating_sub(old.len() as u64);
+                meta.frames = meta.frames.saturating_sub(1);
+                dbs.offline.delete(txn, &queue_key(*uid, *seq))?;
+                put_queue_meta(txn, dbs, *uid, &meta)?;
+            }
+            Ok(WriteOutcome::Retracted)
+        }
         WriteOp::Drain {
             uid,
             delete_through,

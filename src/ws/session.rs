@@ -96,13 +96,12 @@ pub struct WsSession {
     ping_sent: bool,
     /// Too much unsent output: closed with 1013 on the next drive.
     slow: bool,
+    /// The half-written frame was queued ahead of time under this id (see [`Self::leave`]).
+    tentative: Option<u64>,
     /// Our close frame is queued; the connection ends at the peer's answer or at this time.
     closing: Option<Instant>,
     /// The relay was told this connection takes no more frames.
     left: bool,
-    /// Closing while a frame is half-written: leave once it is out (or the connection dies),
-    /// so that frame is neither lost nor sent twice, and nothing overtakes it.
-    leave_after_flight: bool,
 }
 
 fn would_block(e: &WsError) -> bool {
@@ -140,9 +139,9 @@ impl WsSession {
             last_inbound: now,
             ping_sent: false,
             slow: false,
+            tentative: None,
             closing: None,
             left: false,
-            leave_after_flight: false,
         }
     }
 
@@ -204,7 +203,7 @@ impl WsSession {
                         ),
                         Message::Close(_) => {
                             // tungstenite queued the reply; send it and stop taking frames.
-                            self.leave_soon(ctx, me);
+                            self.leave(ctx, me);
                             self.closing = Some(ctx.now() + self.config.linger);
                         }
                         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
@@ -312,16 +311,16 @@ impl WsSession {
     }
 
     /// Writes queued output until the socket pushes back. Err: the connection is gone.
-    fn pump(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx, me: ReplyTo) -> Result<(), ()> {
+    fn pump(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx, _me: ReplyTo) -> Result<(), ()> {
         loop {
             if self.in_flight.is_some() {
                 match self.ws.flush(sock) {
                     Ok(()) => {
                         if let Some(out) = self.in_flight.take() {
+                            if let Some(id) = self.tentative.take() {
+                                ctx.effect(Effect::Retract { id });
+                            }
                             self.wrote(out, ctx);
-                        }
-                        if self.leave_after_flight {
-                            self.leave(ctx, me);
                         }
                     }
                     Err(e) if would_block(&e) => return Ok(()),
@@ -392,6 +391,7 @@ impl WsSession {
                     target: fan.target,
                     frame,
                     sender: fan.sender,
+                    tentative: None,
                 });
             }
             Origin::Live => {}
@@ -406,8 +406,22 @@ impl WsSession {
             return;
         }
         self.left = true;
-        if let Some(out) = self.in_flight.take() {
-            self.give_up(out, ctx);
+        // A half-written frame may still get out (it keeps being flushed ahead of the close
+        // frame) or not. If this is its last holder, it goes to the queue now, ahead of the
+        // frames behind it, tentatively: retracted if it does get out, kept if not.
+        if let Some(Out::Relay { frame, fan }) = &self.in_flight
+            && fan.origin == Origin::Live
+            && fan.holders.get() == 1
+            && !fan.delivered.get()
+        {
+            let id = ctx.next_tentative();
+            ctx.effect(Effect::Spill {
+                target: fan.target,
+                frame: frame.clone(),
+                sender: fan.sender,
+                tentative: Some(id),
+            });
+            self.tentative = Some(id);
         }
         while let Some(out) = self.outq.pop_front() {
             self.give_up(out, ctx);
@@ -417,15 +431,6 @@ impl WsSession {
             uid: self.uid,
             conn: me,
         });
-    }
-
-    /// Leaves now, or once the half-written frame is out.
-    fn leave_soon(&mut self, ctx: &WorkerCtx, me: ReplyTo) {
-        if self.in_flight.is_some() {
-            self.leave_after_flight = true;
-        } else {
-            self.leave(ctx, me);
-        }
     }
 
     /// Starts the closing handshake with `code`.
@@ -442,7 +447,7 @@ impl WsSession {
         }
         // Give what is already written a chance to leave before the close frame.
         let _ = self.pump(sock, ctx, me);
-        self.leave_soon(ctx, me);
+        self.leave(ctx, me);
         let frame = CloseFrame {
             code: CloseCode::from(code),
             reason: reason.into(),
@@ -468,6 +473,18 @@ impl WsSession {
     /// The connection is over.
     pub fn finish(&mut self, ctx: &WorkerCtx, me: ReplyTo) -> Next {
         self.leave(ctx, me);
+        if let Some(out) = self.in_flight.take() {
+            match self.tentative.take() {
+                Some(id) => {
+                    // Never got out: the copy queued ahead of time stands.
+                    if let Out::Relay { fan, .. } = &out {
+                        fan.holders.set(fan.holders.get().saturating_sub(1));
+                    }
+                    ctx.effect(Effect::Keep { id });
+                }
+                None => self.give_up(out, ctx),
+            }
+        }
         Next::Close
     }
 
