@@ -55,6 +55,17 @@ pub enum FrameError {
     BadCrc,
 }
 
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FrameError::TooShort => "frame shorter than 29 bytes",
+            FrameError::BadCrc => "frame CRC mismatch",
+        })
+    }
+}
+
+impl std::error::Error for FrameError {}
+
 /// A checked frame borrowing its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame<'a> {
