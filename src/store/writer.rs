@@ -218,6 +218,12 @@ fn run<C>(store: Store, config: WriterConfig, rx: Receiver<(WriteOp, C)>, mut si
     log::debug!("writer: all handles dropped, last batch committed");
 }
 
+/// Commits `ops` as the writer thread would, on the caller's thread: for benchmarks and tools
+/// that prepare a store without running a server. Returns each outcome.
+pub fn commit_for_bench(store: &Store, ops: &[WriteOp]) -> Vec<WriteOutcome> {
+    commit_batch(store, ops)
+}
+
 /// Applies `ops` in one transaction. If the storage fails, the batch is aborted and every
 /// operation is retried in a transaction of its own, so one failing write cannot fail others.
 pub(crate) fn commit_batch(store: &Store, ops: &[WriteOp]) -> Vec<WriteOutcome> {
