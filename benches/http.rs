@@ -32,7 +32,7 @@ fn serve_all(api: &Api, input: &[u8], out: &mut Vec<u8>) -> usize {
 fn check_user_exists(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), 1 << 26).unwrap();
-    polyge::store::writer::commit_for_bench(
+    polyge::store::writer::commit_direct(
         &store,
         &[WriteOp::Register(NewUser {
             user_name: Some("lankc".into()),

@@ -218,9 +218,9 @@ fn run<C>(store: Store, config: WriterConfig, rx: Receiver<(WriteOp, C)>, mut si
     log::debug!("writer: all handles dropped, last batch committed");
 }
 
-/// Commits `ops` as the writer thread would, on the caller's thread: for benchmarks and tools
-/// that prepare a store without running a server. Returns each outcome.
-pub fn commit_for_bench(store: &Store, ops: &[WriteOp]) -> Vec<WriteOutcome> {
+/// Commits `ops` as the writer thread would, on the caller's thread: for benchmarks, fuzzing
+/// and tools that prepare a store without running a server. Returns each outcome.
+pub fn commit_direct(store: &Store, ops: &[WriteOp]) -> Vec<WriteOutcome> {
     commit_batch(store, ops)
 }
 
