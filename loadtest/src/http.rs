@@ -134,7 +134,7 @@ pub fn run(args: HttpArgs) -> Result<bool, String> {
             })
         })
         .collect();
-    let ticker = report::progress(live.clone(), stop.clone());
+    let ticker = report::progress(live.clone(), stop.clone(), "req");
     let mut series: BTreeMap<String, Series> = BTreeMap::new();
     let mut failures = 0;
     for w in workers {

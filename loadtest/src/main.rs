@@ -4,6 +4,7 @@
 //! and can write machine-readable results with `--json FILE`.
 
 mod http;
+mod relay;
 mod report;
 mod setup;
 
@@ -37,12 +38,15 @@ pub struct Common {
 enum Scenario {
     /// Keep-alive HTTP connections sending a mix of endpoints, closed-loop or at a fixed rate.
     Http(http::HttpArgs),
+    /// Sender/target pairs over WebSocket; every frame accounted and CRC-checked.
+    Relay(relay::RelayArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.scenario {
         Scenario::Http(args) => http::run(args),
+        Scenario::Relay(args) => relay::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -53,7 +53,11 @@ pub struct Live {
 }
 
 /// Prints a progress line every second until `stop` is set.
-pub fn progress(live: Arc<Live>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+pub fn progress(
+    live: Arc<Live>,
+    stop: Arc<AtomicBool>,
+    unit: &'static str,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let start = Instant::now();
         let mut last = 0;
@@ -68,7 +72,7 @@ pub fn progress(live: Arc<Live>, stop: Arc<AtomicBool>) -> std::thread::JoinHand
             }
             let done = live.done.load(Ordering::Relaxed);
             eprintln!(
-                "t={tick:>3}s  {:>9} req/s  total {done:>10}  errors {}",
+                "t={tick:>3}s  {:>9} {unit}/s  total {done:>10}  errors {}",
                 done - last,
                 live.errors.load(Ordering::Relaxed)
             );

@@ -43,3 +43,48 @@ pub fn account(addr: SocketAddr, name: &str, user_type: u8) -> Result<(u64, Stri
         _ => Err(format!("login {name}: {v}")),
     }
 }
+
+/// `count` accounts named `{prefix}_{i}`, created on a few threads at once (each registration
+/// and login is an argon2 hash on the server's pool).
+pub fn accounts(
+    addr: SocketAddr,
+    prefix: &str,
+    count: usize,
+) -> Result<Vec<(u64, String)>, String> {
+    const THREADS: usize = 8;
+    let names: Vec<String> = (0..count).map(|i| format!("{prefix}_{i}")).collect();
+    let chunks: Vec<Vec<(usize, String)>> = (0..THREADS)
+        .map(|t| {
+            names
+                .iter()
+                .cloned()
+                .enumerate()
+                .filter(|(i, _)| i % THREADS == t)
+                .collect()
+        })
+        .collect();
+    let mut out: Vec<Option<(u64, String)>> = vec![None; count];
+    let results: Vec<Result<Vec<(usize, (u64, String))>, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                s.spawn(move || {
+                    chunk
+                        .into_iter()
+                        .map(|(i, name)| account(addr, &name, 1).map(|a| (i, a)))
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("setup thread"))
+            .collect()
+    });
+    for r in results {
+        for (i, a) in r? {
+            out[i] = Some(a);
+        }
+    }
+    Ok(out.into_iter().map(|a| a.expect("every account")).collect())
+}
