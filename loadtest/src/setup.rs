@@ -44,6 +44,9 @@ pub fn account(addr: SocketAddr, name: &str, user_type: u8) -> Result<(u64, Stri
     }
 }
 
+/// A logged-in account: (uid, token).
+pub type Account = (u64, String);
+
 /// `count` accounts named `{prefix}_{i}`, created on a few threads at once (each registration
 /// and login is an argon2 hash on the server's pool).
 pub fn accounts(
@@ -63,8 +66,8 @@ pub fn accounts(
                 .collect()
         })
         .collect();
-    let mut out: Vec<Option<(u64, String)>> = vec![None; count];
-    let results: Vec<Result<Vec<(usize, (u64, String))>, String>> = std::thread::scope(|s| {
+    let mut out: Vec<Option<Account>> = vec![None; count];
+    let results: Vec<Result<Vec<(usize, Account)>, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = chunks
             .into_iter()
             .map(|chunk| {
