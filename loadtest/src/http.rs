@@ -37,7 +37,7 @@ pub struct HttpArgs {
 }
 
 #[derive(Clone, Copy, Debug)]
-enum Endpoint {
+pub(crate) enum Endpoint {
     Check,
     Login,
     Teachers,
@@ -55,7 +55,7 @@ impl Endpoint {
     }
 }
 
-fn parse_mix(mix: &str) -> Result<Vec<(Endpoint, u32)>, String> {
+pub(crate) fn parse_mix(mix: &str) -> Result<Vec<(Endpoint, u32)>, String> {
     let mut out = Vec::new();
     for part in mix.split(',').filter(|p| !p.is_empty()) {
         let (name, weight) = part
@@ -173,7 +173,7 @@ pub fn run(args: HttpArgs) -> Result<bool, String> {
 }
 
 /// The request bytes of each endpoint, built once.
-struct Requests {
+pub(crate) struct Requests {
     check: Vec<u8>,
     login: Vec<u8>,
     teachers: Vec<u8>,
@@ -181,7 +181,7 @@ struct Requests {
 }
 
 impl Requests {
-    fn new(token: &str, host: std::net::SocketAddr) -> Requests {
+    pub(crate) fn new(token: &str, host: std::net::SocketAddr) -> Requests {
         let get =
             |path: String| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes();
         Requests {
@@ -230,7 +230,7 @@ impl Rng {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn connection(
+pub(crate) fn connection(
     target: std::net::SocketAddr,
     mix: &[(Endpoint, u32)],
     requests: &Requests,

@@ -4,6 +4,7 @@
 //! and can write machine-readable results with `--json FILE`.
 
 mod http;
+mod logins;
 mod relay;
 mod report;
 mod setup;
@@ -40,6 +41,8 @@ enum Scenario {
     Http(http::HttpArgs),
     /// Sender/target pairs over WebSocket; every frame accounted and CRC-checked.
     Relay(relay::RelayArgs),
+    /// A login flood (argon2) while measuring /check_user_exists latency on the same server.
+    Logins(logins::LoginsArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.scenario {
         Scenario::Http(args) => http::run(args),
         Scenario::Relay(args) => relay::run(args),
+        Scenario::Logins(args) => logins::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
