@@ -3,6 +3,7 @@
 //! Every scenario stops by itself (a duration), prints progress every second and a final table,
 //! and can write machine-readable results with `--json FILE`.
 
+mod connections;
 mod http;
 mod logins;
 mod relay;
@@ -43,6 +44,8 @@ enum Scenario {
     Relay(relay::RelayArgs),
     /// A login flood (argon2) while measuring /check_user_exists latency on the same server.
     Logins(logins::LoginsArgs),
+    /// Open N idle WebSocket connections, hold them, report server memory per connection.
+    Connections(connections::ConnectionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Scenario::Http(args) => http::run(args),
         Scenario::Relay(args) => relay::run(args),
         Scenario::Logins(args) => logins::run(args),
+        Scenario::Connections(args) => connections::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
