@@ -40,6 +40,9 @@ pub struct RelayArgs {
     /// How long targets wait for frames still in flight after the senders stop, in seconds.
     #[arg(long, default_value_t = 5)]
     grace: u64,
+    /// Drive `polyge-baseline` instead: no accounts; uids 1..=2N, the token is the uid.
+    #[arg(long)]
+    baseline: bool,
 }
 
 #[derive(Serialize, Default)]
@@ -99,9 +102,18 @@ pub fn run(args: RelayArgs) -> Result<bool, String> {
     if args.pairs == 0 || args.window == 0 {
         return Err("--pairs and --window must be at least 1".into());
     }
-    eprintln!("setting up {} accounts...", 2 * args.pairs);
-    let run_id = std::process::id();
-    let accounts = setup::accounts(target, &format!("relay{run_id}"), 2 * args.pairs)?;
+    let accounts: Vec<setup::Account> = if args.baseline {
+        (1..=2 * args.pairs as u64)
+            .map(|uid| (uid, uid.to_string()))
+            .collect()
+    } else {
+        eprintln!("setting up {} accounts...", 2 * args.pairs);
+        setup::accounts(
+            target,
+            &format!("relay{}", std::process::id()),
+            2 * args.pairs,
+        )?
+    };
     let live = Arc::new(Live::default());
     let stop = Arc::new(AtomicBool::new(false));
     let interval =
