@@ -43,6 +43,19 @@ pub struct RelayArgs {
     /// Drive `polyge-baseline` instead: no accounts; uids 1..=2N, the token is the uid.
     #[arg(long)]
     baseline: bool,
+    /// The server's process id: report its CPU time per delivered frame (from /proc).
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+/// User + system CPU time of a process, in seconds (Linux `/proc/<pid>/stat`).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 #[derive(Serialize, Default)]
@@ -64,6 +77,7 @@ struct Results {
     window: u64,
     seconds: f64,
     delivered_per_sec: f64,
+    server_cpu_ns_per_frame: Option<f64>,
     totals: Totals,
     latency: Vec<report::Row>,
 }
@@ -142,6 +156,7 @@ pub fn run(args: RelayArgs) -> Result<bool, String> {
         }));
     }
     let ticker = report::progress(live.clone(), stop.clone(), "frames");
+    let cpu_before = args.server_pid.and_then(cpu_seconds);
     let start = Instant::now();
     std::thread::sleep(Duration::from_secs(args.common.duration));
     sending.store(false, Ordering::Relaxed);
@@ -165,6 +180,10 @@ pub fn run(args: RelayArgs) -> Result<bool, String> {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = ticker.join();
+    let server_cpu = match (cpu_before, args.server_pid.and_then(cpu_seconds)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
     let refused: u64 = totals.refused.values().sum();
     // Frames the server refused with an ERROR are accounted, not lost.
     totals.lost = totals
@@ -184,6 +203,12 @@ pub fn run(args: RelayArgs) -> Result<bool, String> {
         totals.corrupted,
         totals.refused
     );
+    let cpu_ns_per_frame = server_cpu
+        .filter(|_| totals.delivered > 0)
+        .map(|c| c * 1e9 / totals.delivered as f64);
+    if let (Some(c), Some(ns)) = (server_cpu, cpu_ns_per_frame) {
+        println!("server CPU {c:.2} s = {ns:.0} ns per delivered frame");
+    }
     let ok = totals.lost == 0 && totals.corrupted == 0 && totals.duplicated == 0;
     if let Some(path) = &args.common.json {
         report::write_json(
@@ -196,6 +221,7 @@ pub fn run(args: RelayArgs) -> Result<bool, String> {
                 window: args.window,
                 seconds: sending_time.as_secs_f64(),
                 delivered_per_sec: per_sec,
+                server_cpu_ns_per_frame: cpu_ns_per_frame,
                 totals,
                 latency: rows,
             },
@@ -222,37 +248,42 @@ fn send(
     let due_us_base = now_us();
     let base = Instant::now();
     while sending.load(Ordering::Relaxed) {
-        let stamp = match interval {
+        // Closed loop: fill the window, then flush once (one syscall for the batch).
+        let burst = match interval {
             Some(iv) => {
                 let now = Instant::now();
                 if due > now {
                     std::thread::sleep(due - now);
                 }
-                let intended = due_us_base + due.duration_since(base).as_micros() as u64;
                 due += iv;
-                intended
+                1
             }
-            None => {
-                while seq - state.received.load(Ordering::Relaxed) >= window {
-                    if !sending.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    std::thread::yield_now();
+            None => loop {
+                let free = window.saturating_sub(seq - state.received.load(Ordering::Relaxed));
+                if free > 0 || !sending.load(Ordering::Relaxed) {
+                    break free;
                 }
-                now_us()
-            }
+                std::thread::yield_now();
+            },
         };
         if !sending.load(Ordering::Relaxed) {
             break;
         }
-        seq += 1;
-        buf.clear();
-        let mut data = Vec::with_capacity(size);
-        data.extend_from_slice(&seq.to_be_bytes());
-        data.extend_from_slice(&padding);
-        frame::encode(&mut buf, uid, target, frame::msg_type::TEXT, stamp, &data);
-        ws.send(Message::Binary(bytes::Bytes::copy_from_slice(&buf)))
-            .map_err(|e| format!("send: {e}"))?;
+        for _ in 0..burst {
+            let stamp = match interval {
+                Some(iv) => due_us_base + (due - iv).duration_since(base).as_micros() as u64,
+                None => now_us(),
+            };
+            seq += 1;
+            buf.clear();
+            let mut data = Vec::with_capacity(size);
+            data.extend_from_slice(&seq.to_be_bytes());
+            data.extend_from_slice(&padding);
+            frame::encode(&mut buf, uid, target, frame::msg_type::TEXT, stamp, &data);
+            ws.write(Message::Binary(bytes::Bytes::copy_from_slice(&buf)))
+                .map_err(|e| format!("send: {e}"))?;
+        }
+        ws.flush().map_err(|e| format!("send: {e}"))?;
         state.sent.store(seq, Ordering::Relaxed);
     }
     // Collect what the server refused (ERROR frames), briefly.
