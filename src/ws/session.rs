@@ -1,14 +1,15 @@
 //! One WebSocket session on its owner worker: tungstenite's protocol state over our socket, the
 //! outbound queue, and the relay rules for inbound frames.
 //!
-//! Outbound frames are handed to tungstenite one at a time with no write buffering: `write`
-//! returning Ok means the frame reached the kernel; WouldBlock means it sits, alone, in
-//! tungstenite's buffer until a later `flush` succeeds. So the session always knows which frames
-//! have left user space (those are "delivered") and which have not (those go to the offline
-//! queue if the connection dies).
+//! tungstenite frames every outbound message, but into the session's own buffer: it is given a
+//! stream that reads from the socket and writes into that buffer, so data frames, pongs and the
+//! close frame keep their order and the session writes them to the socket itself, once per
+//! wakeup. It remembers where each data frame ends in the buffer, so it always knows exactly which
+//! frames have left user space (those are "delivered") and which have not (those go to the
+//! offline queue if the connection dies).
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Read, Write};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,35 @@ use crate::server::WorkerCtx;
 const READ_BUDGET_MESSAGES: usize = 256;
 /// Room in tungstenite's write buffer beyond one frame, for pings, pongs and the close frame.
 const CONTROL_ROOM: usize = 1024;
+/// Encoded bytes waiting for the socket before no more frames are encoded: the rest stay in the
+/// queue as frames, where they can still be handed back whole.
+const ENCODE_AHEAD: usize = 64 * 1024;
+/// A write buffer larger than this is released once it is empty.
+const KEEP_WBUF: usize = 16 * 1024;
+
+/// tungstenite's view of the connection: it reads from the socket and writes into the session's
+/// buffer (which never blocks), so everything it sends is ordered with our frames.
+struct Io<'a> {
+    sock: &'a mut TcpStream,
+    out: &'a mut Vec<u8>,
+}
+
+impl Read for Io<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.sock.read(buf)
+    }
+}
+
+impl Write for Io<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
 
 /// Session limits, from [`crate::config::Config`].
 #[derive(Debug, Clone, Copy)]
@@ -89,8 +119,13 @@ pub struct WsSession {
     ws: WebSocketContext,
     outq: VecDeque<Out>,
     queued_bytes: usize,
-    /// The frame sitting in tungstenite's buffer, not yet known to have left.
-    in_flight: Option<Out>,
+    /// Encoded bytes for the socket, written up to `wpos`.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// Data frames in `wbuf` not yet entirely written: (start, end, item), oldest first.
+    encoded: VecDeque<(usize, usize, Out)>,
+    /// tungstenite answered the peer's close: once `wbuf` is out, the connection is over.
+    terminated: bool,
     bucket: Bucket,
     last_inbound: Instant,
     ping_sent: bool,
@@ -131,7 +166,10 @@ impl WsSession {
             ws: WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config)),
             outq: VecDeque::new(),
             queued_bytes: 0,
-            in_flight: None,
+            wbuf: Vec::new(),
+            wpos: 0,
+            encoded: VecDeque::new(),
+            terminated: false,
             bucket: Bucket {
                 tokens: f64::from(config.rate_burst),
                 last: now,
@@ -159,7 +197,7 @@ impl WsSession {
         }
         self.queued_bytes += out.bytes().len();
         self.outq.push_back(out);
-        if self.queued_bytes > self.config.slow_consumer_bytes {
+        if self.queued_bytes + (self.wbuf.len() - self.wpos) > self.config.slow_consumer_bytes {
             self.slow = true;
         }
     }
@@ -181,13 +219,24 @@ impl WsSession {
             if self.pump(sock, ctx, me).is_err() {
                 return self.finish(ctx, me);
             }
+            if self.terminated {
+                return if self.wpos == self.wbuf.len() {
+                    self.finish(ctx, me)
+                } else {
+                    Next::Wait
+                };
+            }
             if self.closing.is_some() {
                 return self.read_until_closed(sock, ctx, me);
             }
             if messages >= READ_BUDGET_MESSAGES {
                 return Next::Yield;
             }
-            match self.ws.read(sock) {
+            let read = self.ws.read(&mut Io {
+                sock: &mut *sock,
+                out: &mut self.wbuf,
+            });
+            match read {
                 Ok(msg) => {
                     messages += 1;
                     self.last_inbound = ctx.now();
@@ -310,50 +359,80 @@ impl WsSession {
         self.push(Out::Server(Bytes::from(out)), ctx);
     }
 
-    /// Writes queued output until the socket pushes back. Err: the connection is gone.
+    /// Encodes queued frames and writes the buffer until the socket pushes back.
+    /// Err: the connection is gone.
     fn pump(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx, _me: ReplyTo) -> Result<(), ()> {
         loop {
-            if self.in_flight.is_some() {
-                match self.ws.flush(sock) {
-                    Ok(()) => {
-                        if let Some(out) = self.in_flight.take() {
-                            if let Some(id) = self.tentative.take() {
-                                ctx.effect(Effect::Retract { id });
-                            }
-                            self.wrote(out, ctx);
-                        }
+            while self.closing.is_none() && self.wbuf.len() - self.wpos < ENCODE_AHEAD {
+                let Some(out) = self.outq.pop_front() else {
+                    break;
+                };
+                self.queued_bytes -= out.bytes().len();
+                let start = self.wbuf.len();
+                let msg = Message::Binary(out.bytes().clone());
+                let mut io = Io {
+                    sock: &mut *sock,
+                    out: &mut self.wbuf,
+                };
+                match self.ws.write(&mut io, msg) {
+                    Ok(()) => self.encoded.push_back((start, self.wbuf.len(), out)),
+                    Err(_) => {
+                        self.wbuf.truncate(start);
+                        self.give_up(out, ctx);
                     }
-                    Err(e) if would_block(&e) => return Ok(()),
+                }
+            }
+            // Pongs, or the answer to the peer's close, that tungstenite still holds.
+            let mut io = Io {
+                sock: &mut *sock,
+                out: &mut self.wbuf,
+            };
+            match self.ws.flush(&mut io) {
+                Ok(()) => {}
+                Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => {
+                    self.terminated = true;
+                }
+                Err(_) => return Err(()),
+            }
+            while self.wpos < self.wbuf.len() {
+                match sock.write(&self.wbuf[self.wpos..]) {
+                    Ok(0) => return Err(()),
+                    Ok(n) => self.wpos += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => return Err(()),
                 }
             }
-            if self.closing.is_some() {
-                return match self.ws.flush(sock) {
-                    Ok(()) => Ok(()),
-                    Err(e) if would_block(&e) => Ok(()),
-                    Err(_) => Err(()),
+            while self
+                .encoded
+                .front()
+                .is_some_and(|(_, end, _)| *end <= self.wpos)
+            {
+                let Some((_, _, out)) = self.encoded.pop_front() else {
+                    break;
                 };
+                if let Some(id) = self.tentative.take() {
+                    ctx.effect(Effect::Retract { id });
+                }
+                self.wrote(out, ctx);
             }
-            let Some(out) = self.outq.pop_front() else {
-                // Pongs queued by tungstenite while reading.
-                return match self.ws.flush(sock) {
-                    Ok(()) => Ok(()),
-                    Err(e) if would_block(&e) => Ok(()),
-                    Err(_) => Err(()),
-                };
-            };
-            self.queued_bytes -= out.bytes().len();
-            match self.ws.write(sock, Message::Binary(out.bytes().clone())) {
-                Ok(()) => self.wrote(out, ctx),
-                Err(e) if would_block(&e) => {
-                    self.in_flight = Some(out);
-                    return Ok(());
+            if self.wpos == self.wbuf.len() {
+                self.wbuf.clear();
+                self.wpos = 0;
+                if self.wbuf.capacity() > KEEP_WBUF {
+                    self.wbuf = Vec::new();
                 }
-                Err(_) => {
-                    self.queued_bytes += out.bytes().len();
-                    self.outq.push_front(out);
-                    return Err(());
+            } else if self.wpos >= ENCODE_AHEAD {
+                let done = self.wpos;
+                self.wbuf.drain(..done);
+                for (start, end, _) in self.encoded.iter_mut() {
+                    *start -= done;
+                    *end -= done;
                 }
+                self.wpos = 0;
+            }
+            if !self.wbuf.is_empty() || self.outq.is_empty() || self.closing.is_some() {
+                return Ok(());
             }
         }
     }
@@ -406,10 +485,29 @@ impl WsSession {
             return;
         }
         self.left = true;
-        // A half-written frame may still get out (it keeps being flushed ahead of the close
-        // frame) or not. If this is its last holder, it goes to the queue now, ahead of the
+        // Encoded frames not started yet are taken back out of the buffer (cut at the first
+        // one's start, so no half-written control frame is cut); a frame already partly
+        // written stays and will finish ahead of the close frame, or not.
+        let cut = self
+            .encoded
+            .iter()
+            .find(|(start, _, _)| *start >= self.wpos)
+            .map_or(self.wbuf.len(), |(start, _, _)| *start);
+        let mut unsent = Vec::new();
+        while self
+            .encoded
+            .back()
+            .is_some_and(|(start, _, _)| *start >= cut)
+        {
+            if let Some((_, _, out)) = self.encoded.pop_back() {
+                unsent.push(out);
+            }
+        }
+        unsent.reverse();
+        self.wbuf.truncate(cut.max(self.wpos));
+        // A half-written frame whose last holder this is goes to the queue now, ahead of the
         // frames behind it, tentatively: retracted if it does get out, kept if not.
-        if let Some(Out::Relay { frame, fan }) = &self.in_flight
+        if let Some((_, _, Out::Relay { frame, fan })) = self.encoded.front()
             && fan.origin == Origin::Live
             && fan.holders.get() == 1
             && !fan.delivered.get()
@@ -422,6 +520,9 @@ impl WsSession {
                 tentative: Some(id),
             });
             self.tentative = Some(id);
+        }
+        for out in unsent {
+            self.give_up(out, ctx);
         }
         while let Some(out) = self.outq.pop_front() {
             self.give_up(out, ctx);
@@ -452,7 +553,11 @@ impl WsSession {
             code: CloseCode::from(code),
             reason: reason.into(),
         };
-        match self.ws.close(sock, Some(frame)) {
+        let mut io = Io {
+            sock: &mut *sock,
+            out: &mut self.wbuf,
+        };
+        match self.ws.close(&mut io, Some(frame)) {
             Ok(()) => {}
             Err(e) if would_block(&e) => {}
             Err(e) => log::debug!("uid {}: close: {e}", self.uid),
@@ -462,10 +567,23 @@ impl WsSession {
 
     fn read_until_closed(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx, me: ReplyTo) -> Next {
         loop {
-            match self.ws.read(sock) {
+            let read = self.ws.read(&mut Io {
+                sock: &mut *sock,
+                out: &mut self.wbuf,
+            });
+            match read {
                 Ok(_) => {}
-                Err(e) if would_block(&e) => return Next::Wait,
-                Err(_) => return self.finish(ctx, me),
+                Err(e) if would_block(&e) => {
+                    return match self.pump(sock, ctx, me) {
+                        Ok(()) => Next::Wait,
+                        Err(()) => self.finish(ctx, me),
+                    };
+                }
+                Err(_) => {
+                    // Best effort for the last bytes (the answer to the peer's close).
+                    let _ = self.pump(sock, ctx, me);
+                    return self.finish(ctx, me);
+                }
             }
         }
     }
@@ -473,7 +591,7 @@ impl WsSession {
     /// The connection is over.
     pub fn finish(&mut self, ctx: &WorkerCtx, me: ReplyTo) -> Next {
         self.leave(ctx, me);
-        if let Some(out) = self.in_flight.take() {
+        while let Some((_, _, out)) = self.encoded.pop_front() {
             match self.tentative.take() {
                 Some(id) => {
                     // Never got out: the copy queued ahead of time stands.
@@ -507,11 +625,15 @@ impl WsSession {
         }
         if silent >= self.config.ping_after && !self.ping_sent {
             self.ping_sent = true;
-            match self.ws.write(sock, Message::Ping(Bytes::new())) {
-                Ok(()) => {}
-                Err(e) if would_block(&e) => {}
-                Err(_) => return Some(self.finish(ctx, me)),
+            let mut io = Io {
+                sock: &mut *sock,
+                out: &mut self.wbuf,
+            };
+            if self.ws.write(&mut io, Message::Ping(Bytes::new())).is_err() {
+                return Some(self.finish(ctx, me));
             }
+            // Driving the connection writes it out.
+            return Some(Next::Wait);
         }
         None
     }
