@@ -423,13 +423,18 @@ impl WsSession {
                     self.wbuf = Vec::new();
                 }
             } else if self.wpos >= ENCODE_AHEAD {
-                let done = self.wpos;
+                // Drop what is written, but never the start of a frame still being written:
+                // `leave` tells a half-written frame by its start lying before `wpos`.
+                let done = self
+                    .encoded
+                    .front()
+                    .map_or(self.wpos, |(start, _, _)| (*start).min(self.wpos));
                 self.wbuf.drain(..done);
                 for (start, end, _) in self.encoded.iter_mut() {
                     *start -= done;
                     *end -= done;
                 }
-                self.wpos = 0;
+                self.wpos -= done;
             }
             if !self.wbuf.is_empty() || self.outq.is_empty() || self.closing.is_some() {
                 return Ok(());
