@@ -1,5 +1,7 @@
 //! Response encoding straight into a connection's write buffer.
 
+use std::borrow::Cow;
+
 /// The statuses the server answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -60,12 +62,13 @@ impl Status {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub status: Status,
-    pub body: Vec<u8>,
+    /// Constant answers (`{"result":true}`) are borrowed: no allocation per request.
+    pub body: Cow<'static, [u8]>,
 }
 
 impl Response {
     /// 200 with a JSON body.
-    pub fn ok(body: impl Into<Vec<u8>>) -> Response {
+    pub fn ok(body: impl Into<Cow<'static, [u8]>>) -> Response {
         Response {
             status: Status::Ok,
             body: body.into(),
@@ -84,7 +87,10 @@ impl Response {
             msg,
         })
         .expect("a bool and a string always serialize");
-        Response { status, body }
+        Response {
+            status,
+            body: body.into(),
+        }
     }
 }
 

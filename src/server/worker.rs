@@ -421,9 +421,31 @@ impl Worker {
 
     /// A frame for `target`, on its owner worker.
     fn deliver(&mut self, target: u64, frame: Bytes, sender: Option<SenderRef>) {
-        let live: Vec<ReplyTo> = match self.relay.users.get_mut(&target) {
-            Some(u) if u.mode == Mode::Live && !u.conns.is_empty() => u.conns.clone(),
-            Some(u) if u.mode == Mode::Draining && !u.conns.is_empty() => {
+        let Some(u) = self.relay.users.get_mut(&target) else {
+            return self.append(target, frame, sender, None);
+        };
+        match u.mode {
+            Mode::Live if !u.conns.is_empty() => {
+                let fan = Rc::new(FanOut {
+                    target,
+                    origin: Origin::Live,
+                    sender,
+                    delivered: Cell::new(false),
+                    holders: Cell::new(0),
+                });
+                let took = fan_out(
+                    &mut self.conns,
+                    &self.ctx,
+                    &mut self.dirty,
+                    &u.conns,
+                    &frame,
+                    &fan,
+                );
+                if took == 0 {
+                    self.append(target, frame, sender, None);
+                }
+            }
+            Mode::Draining if !u.conns.is_empty() => {
                 if let Some(s) = sender
                     && u.held_bytes + frame.len() <= HELD_BYTES
                 {
@@ -433,40 +455,10 @@ impl Worker {
                 }
                 // Too much held: everything held goes to the queue first, in order.
                 self.release_held(target);
-                return self.append(target, frame, sender, None);
+                self.append(target, frame, sender, None);
             }
-            _ => return self.append(target, frame, sender, None),
-        };
-        let fan = Rc::new(FanOut {
-            target,
-            origin: Origin::Live,
-            sender,
-            delivered: Cell::new(false),
-            holders: Cell::new(0),
-        });
-        if self.fan_out(&live, &frame, &fan) == 0 {
-            self.append(target, frame, sender, None);
+            _ => self.append(target, frame, sender, None),
         }
-    }
-
-    /// Hands a frame to every device in `to` still taking frames; returns how many took it.
-    fn fan_out(&mut self, to: &[ReplyTo], frame: &Bytes, fan: &Rc<FanOut>) -> u32 {
-        for &dest in to {
-            if let Some(conn) = self.conns.get_mut(dest.key)
-                && conn.accepts(dest)
-            {
-                fan.holders.set(fan.holders.get() + 1);
-                conn.push_out(
-                    Out::Relay {
-                        frame: frame.clone(),
-                        fan: fan.clone(),
-                    },
-                    &self.ctx,
-                );
-                self.dirty.push(dest.key);
-            }
-        }
-        fan.holders.get()
     }
 
     /// Appends every frame held for `uid` to its queue, in order.
@@ -713,7 +705,14 @@ impl Worker {
                             delivered: Cell::new(false),
                             holders: Cell::new(0),
                         });
-                        self.fan_out(&holders, &bytes, &fan);
+                        fan_out(
+                            &mut self.conns,
+                            &self.ctx,
+                            &mut self.dirty,
+                            &holders,
+                            &bytes,
+                            &fan,
+                        );
                         batch.push(fan);
                     }
                     self.relay.user(uid).batch = batch;
@@ -968,4 +967,32 @@ impl Worker {
             }
         }
     }
+}
+
+/// Hands a frame to every device in `to` still taking frames; returns how many took it. A free
+/// function so the caller can lend the user's device list without copying it per frame.
+fn fan_out(
+    conns: &mut Slab<Conn>,
+    ctx: &WorkerCtx,
+    dirty: &mut Vec<usize>,
+    to: &[ReplyTo],
+    frame: &Bytes,
+    fan: &Rc<FanOut>,
+) -> u32 {
+    for &dest in to {
+        if let Some(conn) = conns.get_mut(dest.key)
+            && conn.accepts(dest)
+        {
+            fan.holders.set(fan.holders.get() + 1);
+            conn.push_out(
+                Out::Relay {
+                    frame: frame.clone(),
+                    fan: fan.clone(),
+                },
+                ctx,
+            );
+            dirty.push(dest.key);
+        }
+    }
+    fan.holders.get()
 }
