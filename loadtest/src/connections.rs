@@ -12,7 +12,6 @@ use clap::Args;
 use serde::Serialize;
 use socket2::{Domain, Socket, Type};
 use tungstenite::WebSocket;
-use tungstenite::client::IntoClientRequest;
 
 use crate::{Common, check_loopback, setup};
 
@@ -68,12 +67,7 @@ fn open(addr: SocketAddr, source: Ipv4Addr, token: &str) -> Result<WebSocket<Tcp
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
-    let req = format!("ws://{addr}/wsconn?token={token}")
-        .into_client_request()
-        .map_err(|e| e.to_string())?;
-    tungstenite::client::client(req, stream)
-        .map(|(ws, _)| ws)
-        .map_err(|e| format!("upgrade: {e}"))
+    setup::upgrade(stream, addr, token)
 }
 
 pub fn run(args: ConnectionsArgs) -> Result<bool, String> {

@@ -135,21 +135,7 @@ pub fn run(args: HttpArgs) -> Result<bool, String> {
         })
         .collect();
     let ticker = report::progress(live.clone(), stop.clone(), "req");
-    let mut series: BTreeMap<String, Series> = BTreeMap::new();
-    let mut failures = 0;
-    for w in workers {
-        match w.join().expect("worker thread") {
-            Ok(s) => {
-                for (label, one) in s {
-                    series.entry(label.to_string()).or_default().merge(one);
-                }
-            }
-            Err(e) => {
-                failures += 1;
-                eprintln!("connection failed: {e}");
-            }
-        }
-    }
+    let (series, failures) = join_connections(workers);
     stop.store(true, Ordering::Relaxed);
     let _ = ticker.join();
     let elapsed = start.elapsed();
@@ -170,6 +156,31 @@ pub fn run(args: HttpArgs) -> Result<bool, String> {
         )?;
     }
     Ok(errors == 0 && failures == 0)
+}
+
+/// Results of one connection thread, by endpoint.
+pub(crate) type ConnResult = Result<BTreeMap<&'static str, Series>, String>;
+
+/// Waits for the connection threads; merges their results per endpoint and counts the failed.
+pub(crate) fn join_connections(
+    threads: Vec<std::thread::JoinHandle<ConnResult>>,
+) -> (BTreeMap<String, Series>, usize) {
+    let mut series: BTreeMap<String, Series> = BTreeMap::new();
+    let mut failures = 0;
+    for t in threads {
+        match t.join().expect("connection thread") {
+            Ok(s) => {
+                for (label, one) in s {
+                    series.entry(label.to_string()).or_default().merge(one);
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                eprintln!("connection failed: {e}");
+            }
+        }
+    }
+    (series, failures)
 }
 
 /// The request bytes of each endpoint, built once.
@@ -240,7 +251,7 @@ pub(crate) fn connection(
     offset: Duration,
     pipeline: usize,
     seed: u64,
-) -> Result<BTreeMap<&'static str, Series>, String> {
+) -> ConnResult {
     let mut sock = TcpStream::connect(target).map_err(|e| e.to_string())?;
     sock.set_nodelay(true).map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(Duration::from_secs(30)))

@@ -2,7 +2,6 @@
 //! server's password pool) next to a steady open-loop stream of `/check_user_exists`, whose
 //! latency shows whether the flood stalls cheap requests.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -10,8 +9,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde::Serialize;
 
-use crate::http::{Requests, connection, parse_mix};
-use crate::report::{self, Live, Series};
+use crate::http::{Requests, connection, join_connections, parse_mix};
+use crate::report::{self, Live};
 use crate::{Common, check_loopback, setup};
 
 #[derive(Args)]
@@ -74,21 +73,7 @@ pub fn run(args: LoginsArgs) -> Result<bool, String> {
         }));
     }
     let ticker = report::progress(live.clone(), stop.clone(), "req");
-    let mut series: BTreeMap<String, Series> = BTreeMap::new();
-    let mut failures = 0;
-    for t in threads {
-        match t.join().expect("connection thread") {
-            Ok(s) => {
-                for (label, one) in s {
-                    series.entry(label.to_string()).or_default().merge(one);
-                }
-            }
-            Err(e) => {
-                failures += 1;
-                eprintln!("connection failed: {e}");
-            }
-        }
-    }
+    let (series, failures) = join_connections(threads);
     stop.store(true, Ordering::Relaxed);
     let _ = ticker.join();
     let elapsed = start.elapsed();

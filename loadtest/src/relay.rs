@@ -15,7 +15,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Args;
 use polyge::frame::{self, Frame, MIN_FRAME};
 use serde::Serialize;
-use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, WebSocket};
 
 use crate::report::{self, Live, Series};
@@ -92,12 +91,7 @@ fn now_us() -> u64 {
 fn connect(addr: SocketAddr, token: &str) -> Result<WebSocket<TcpStream>, String> {
     let stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let req = format!("ws://{addr}/wsconn?token={token}")
-        .into_client_request()
-        .map_err(|e| e.to_string())?;
-    tungstenite::client::client(req, stream)
-        .map(|(ws, _)| ws)
-        .map_err(|e| format!("upgrade: {e}"))
+    setup::upgrade(stream, addr, token)
 }
 
 /// Per-pair counters shared by its sender and target threads.

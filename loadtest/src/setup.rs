@@ -3,6 +3,23 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
+use tungstenite::WebSocket;
+use tungstenite::client::IntoClientRequest;
+
+/// The WebSocket upgrade to `/wsconn` over an already connected stream.
+pub fn upgrade(
+    stream: TcpStream,
+    addr: SocketAddr,
+    token: &str,
+) -> Result<WebSocket<TcpStream>, String> {
+    let req = format!("ws://{addr}/wsconn?token={token}")
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    tungstenite::client::client(req, stream)
+        .map(|(ws, _)| ws)
+        .map_err(|e| format!("upgrade: {e}"))
+}
+
 /// One request on a fresh connection; returns (status, JSON body).
 pub fn request(addr: SocketAddr, path_and_query: &str) -> Result<(u16, serde_json::Value), String> {
     let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
