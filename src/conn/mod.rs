@@ -326,10 +326,16 @@ impl Conn {
         Ok(progress)
     }
 
+    /// Reads and discards input, at most [`READ_BUDGET`] bytes per wakeup, so a client that
+    /// keeps sending cannot hold the worker.
     fn linger(&mut self, scratch: &mut [u8]) -> Next {
+        let mut budget = READ_BUDGET;
         loop {
             if !self.can_read {
                 return Next::Wait;
+            }
+            if budget == 0 {
+                return Next::Yield;
             }
             match read(
                 &mut self.sock,
@@ -338,7 +344,7 @@ impl Conn {
                 &mut self.peer_eof,
             ) {
                 Ok(_) if self.peer_eof => return Next::Close,
-                Ok(_) => {}
+                Ok(n) => budget = budget.saturating_sub(n),
                 Err(_) => return Next::Close,
             }
         }

@@ -570,8 +570,9 @@ impl WsSession {
         self.closing = Some(ctx.now() + self.config.linger);
     }
 
+    /// Discards what the peer still sends after our close, [`READ_BUDGET_MESSAGES`] per wakeup.
     fn read_until_closed(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx, me: ReplyTo) -> Next {
-        loop {
+        for _ in 0..READ_BUDGET_MESSAGES {
             let read = self.ws.read(&mut Io {
                 sock: &mut *sock,
                 out: &mut self.wbuf,
@@ -591,6 +592,7 @@ impl WsSession {
                 }
             }
         }
+        Next::Yield
     }
 
     /// The connection is over.
