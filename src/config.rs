@@ -77,6 +77,9 @@ pub const DEFAULT_SLOW_CONSUMER_BYTES: usize = 4 << 20;
 pub const DEFAULT_PING_AFTER: Duration = Duration::from_secs(30);
 /// ...and closed when nothing at all arrives for this long.
 pub const DEFAULT_WS_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// A WebSocket session quiet this long (between messages, nothing unsent) frees its buffers,
+/// tungstenite's included, and makes them again when data comes.
+pub const DEFAULT_WS_RELEASE_AFTER: Duration = Duration::from_secs(1);
 
 /// Everything the server needs to run. Build it with [`Config::default`] and adjust fields.
 #[derive(Debug, Clone)]
@@ -116,6 +119,7 @@ pub struct Config {
     pub slow_consumer_bytes: usize,
     pub ping_after: Duration,
     pub ws_idle_timeout: Duration,
+    pub ws_release_after: Duration,
 }
 
 /// Number of worker threads by default: one per core.
@@ -163,6 +167,7 @@ impl Default for Config {
             slow_consumer_bytes: DEFAULT_SLOW_CONSUMER_BYTES,
             ping_after: DEFAULT_PING_AFTER,
             ws_idle_timeout: DEFAULT_WS_IDLE_TIMEOUT,
+            ws_release_after: DEFAULT_WS_RELEASE_AFTER,
         }
     }
 }

@@ -121,6 +121,9 @@ struct Cli {
     /// Close a WebSocket connection from which nothing arrived for this long.
     #[arg(long, default_value = "75s", value_parser = humantime::parse_duration)]
     ws_idle_timeout: Duration,
+    /// Free a quiet WebSocket session's buffers after this long (made again when data comes).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    ws_release_after: Duration,
 }
 
 impl Cli {
@@ -161,6 +164,7 @@ impl Cli {
             slow_consumer_bytes: self.slow_consumer_bytes,
             ping_after: self.ping_after,
             ws_idle_timeout: self.ws_idle_timeout,
+            ws_release_after: self.ws_release_after,
         }
     }
 }

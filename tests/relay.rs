@@ -543,3 +543,80 @@ fn shutdown_closes_with_1001_and_loses_nothing() {
         "lost, duplicated or reordered across the restart"
     );
 }
+
+/// A client frame (masked, as RFC 6455 requires) built by hand, so the test can send it in
+/// pieces: `fin` false for the first fragments of a message, `opcode` 0 for continuations.
+fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5a, 0xc3, 0x17, 0x9e];
+    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+    if payload.len() < 126 {
+        out.push(0x80 | payload.len() as u8);
+    } else {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// Quiet sessions drop their buffers (tungstenite's context included) and make new ones when
+/// data comes; a quiet spell in the middle of a frame, of a fragmented message or of a ping
+/// must not lose or corrupt a byte.
+#[test]
+fn sessions_release_buffers_when_quiet_without_losing_bytes() {
+    use std::io::Write;
+    let s = TestServer::start(|c| {
+        c.ws_release_after = Duration::ZERO;
+        c.ping_after = Duration::from_millis(200);
+        c.ws_idle_timeout = Duration::from_secs(30);
+    });
+    let u = users(&s, 2);
+    let mut a = connect(&s, &u[0], false);
+    let mut b = connect(&s, &u[1], false);
+    sync_devices(&mut a, b.uid, std::slice::from_mut(&mut b));
+    a.set_timeout(Duration::from_secs(5));
+    b.set_timeout(Duration::from_secs(5));
+    // Longer than a sweep (50 ms here), so a release is attempted at every pause.
+    let pause = || std::thread::sleep(Duration::from_millis(120));
+    for round in 0..4u64 {
+        let data: Vec<u8> = (0..300).map(|x| (x as u64 * 31 + round) as u8).collect();
+        let mut whole = Vec::new();
+        frame::encode(&mut whole, a.uid, b.uid, msg_type::TEXT, round, &data);
+        // One frame in three pieces: inside the header, inside the payload.
+        let wire = masked_frame(true, 2, &whole);
+        for piece in [&wire[..1], &wire[1..40], &wire[40..]] {
+            a.ws.get_mut().write_all(piece).unwrap();
+            pause();
+        }
+        assert_eq!(b.frame(), whole, "round {round}: frame sent in pieces");
+        // One message in two fragments with a ping between them.
+        let (head, tail) = whole.split_at(100);
+        a.ws.get_mut()
+            .write_all(&masked_frame(false, 2, head))
+            .unwrap();
+        pause();
+        a.ws.get_mut()
+            .write_all(&masked_frame(true, 9, b"ping"))
+            .unwrap();
+        pause();
+        a.ws.get_mut()
+            .write_all(&masked_frame(true, 0, tail))
+            .unwrap();
+        assert_eq!(b.frame(), whole, "round {round}: fragmented message");
+        // And the other way, after a quiet spell on both sides.
+        pause();
+        let back = b.send(a.uid, msg_type::TEXT, round, &data);
+        loop {
+            match a.ws.read().expect("a reads") {
+                tungstenite::Message::Binary(got) => {
+                    assert_eq!(&got[..], &back[..]);
+                    break;
+                }
+                tungstenite::Message::Pong(p) => assert_eq!(&p[..], b"ping"),
+                tungstenite::Message::Ping(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}

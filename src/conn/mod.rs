@@ -197,7 +197,7 @@ impl Conn {
     /// Makes all the progress possible without blocking: write, parse, serve, read.
     pub fn drive(&mut self, ctx: &WorkerCtx, scratch: &mut [u8]) -> Next {
         if let Phase::WebSocket(ws) = &mut self.phase {
-            return ws.drive(&mut self.sock, ctx, self.reply_to);
+            return ws.drive(&mut self.sock, ctx, self.reply_to, scratch);
         }
         let mut budget = READ_BUDGET;
         loop {

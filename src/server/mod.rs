@@ -308,6 +308,7 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
         linger: config.linger,
         ping_after: config.ping_after,
         idle_timeout: config.ws_idle_timeout,
+        release_after: config.ws_release_after,
     };
     let queue_limits = QueueLimits {
         max_frames: config.queue_max_frames,

@@ -9,16 +9,15 @@
 //! offline queue if the connection dies).
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Cursor, Read, Write};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mio::net::TcpStream;
 use tungstenite::Message;
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
-use tungstenite::protocol::frame::CloseFrame;
-use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::coding::{CloseCode, OpCode};
+use tungstenite::protocol::frame::{CloseFrame, FrameHeader};
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 
 use super::close_code;
@@ -34,23 +33,29 @@ const CONTROL_ROOM: usize = 1024;
 /// Encoded bytes waiting for the socket before no more frames are encoded: the rest stay in the
 /// queue as frames, where they can still be handed back whole.
 const ENCODE_AHEAD: usize = 64 * 1024;
+/// The longest WebSocket frame header: 2 bytes, a 64-bit length and a mask (RFC 6455 5.2).
+const MAX_HEADER: usize = 14;
 /// A write buffer larger than this is released once it is empty.
 const KEEP_WBUF: usize = 16 * 1024;
 
 /// tungstenite's view of the connection: it reads from the socket and writes into the session's
-/// buffer (which never blocks), so everything it sends is ordered with our frames.
-struct Io<'a> {
-    sock: &'a mut TcpStream,
+/// buffer (which never blocks), so everything it sends is ordered with our frames. Every byte read
+/// is also shown to `seen`, which knows where frames end.
+struct Io<'a, S> {
+    sock: &'a mut S,
     out: &'a mut Vec<u8>,
+    seen: &'a mut Boundary,
 }
 
-impl Read for Io<'_> {
+impl<S: Read> Read for Io<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.sock.read(buf)
+        let n = self.sock.read(buf)?;
+        self.seen.feed(&buf[..n]);
+        Ok(n)
     }
 }
 
-impl Write for Io<'_> {
+impl<S> Write for Io<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.out.extend_from_slice(buf);
         Ok(buf.len())
@@ -59,6 +64,84 @@ impl Write for Io<'_> {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Where the bytes read so far end, in WebSocket terms: inside a frame header, inside a
+/// payload, inside a fragmented message, or exactly between messages. Headers are parsed with
+/// tungstenite's own parser; only lengths and flags are looked at here.
+///
+/// tungstenite's context keeps a read buffer (and a write buffer as large as the largest frame
+/// it wrote) for the life of the connection. Between messages it holds nothing else of value, so
+/// an idle session can drop it and start a fresh one when data comes (HARD-PARTS 12); this tells
+/// when that is safe.
+#[derive(Debug, Default)]
+struct Boundary {
+    /// Payload bytes of the current frame not yet seen.
+    payload_left: u64,
+    /// The start of a header not yet complete.
+    head: [u8; MAX_HEADER],
+    head_len: usize,
+    /// A data frame without FIN was seen; its message is not complete.
+    fragmented: bool,
+    /// Something tungstenite will refuse: never call this stream idle again.
+    broken: bool,
+}
+
+impl Boundary {
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() && !self.broken {
+            if self.payload_left > 0 {
+                let n = (data.len() as u64).min(self.payload_left);
+                self.payload_left -= n;
+                data = &data[n as usize..];
+                continue;
+            }
+            let take = data.len().min(self.head.len() - self.head_len);
+            let had = self.head_len;
+            self.head[had..had + take].copy_from_slice(&data[..take]);
+            let mut cursor = Cursor::new(&self.head[..had + take]);
+            match FrameHeader::parse(&mut cursor) {
+                Ok(Some((header, len))) => {
+                    let used = cursor.position() as usize - had;
+                    data = &data[used..];
+                    self.head_len = 0;
+                    self.payload_left = len;
+                    // Control frames may come between a message's fragments; they change nothing.
+                    if let OpCode::Data(_) = header.opcode {
+                        self.fragmented = !header.is_final;
+                    }
+                }
+                Ok(None) => {
+                    self.head_len = had + take;
+                    data = &data[take..];
+                }
+                Err(_) => self.broken = true,
+            }
+        }
+    }
+
+    /// Every byte read so far belongs to a complete message.
+    fn between_messages(&self) -> bool {
+        self.payload_left == 0 && self.head_len == 0 && !self.fragmented && !self.broken
+    }
+}
+
+/// The session's tungstenite context, made afresh if it was released while idle.
+fn context<'a>(
+    slot: &'a mut Option<Box<WebSocketContext>>,
+    config: &SessionConfig,
+) -> &'a mut WebSocketContext {
+    slot.get_or_insert_with(|| Box::new(new_context(Vec::new(), config)))
+}
+
+fn new_context(leftover: Vec<u8>, config: &SessionConfig) -> WebSocketContext {
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(config.read_buffer)
+        .write_buffer_size(0)
+        .max_write_buffer_size(config.max_frame + CONTROL_ROOM)
+        .max_message_size(Some(config.max_frame))
+        .max_frame_size(Some(config.max_frame));
+    WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config))
 }
 
 /// Session limits, from [`crate::config::Config`].
@@ -72,6 +155,8 @@ pub struct SessionConfig {
     pub linger: Duration,
     pub ping_after: Duration,
     pub idle_timeout: Duration,
+    /// Quiet this long, an idle session releases its buffers ([`WsSession::release_buffers`]).
+    pub release_after: Duration,
 }
 
 /// An outbound item.
@@ -116,7 +201,11 @@ pub struct WsSession {
     pub token_hash: [u8; 32],
     pub acks: bool,
     config: SessionConfig,
-    ws: WebSocketContext,
+    /// tungstenite's protocol state and buffers; `None` while released (see [`Boundary`]).
+    ws: Option<Box<WebSocketContext>>,
+    seen: Boundary,
+    /// The last read found the socket empty: tungstenite holds no complete frame.
+    read_dry: bool,
     outq: VecDeque<Out>,
     queued_bytes: usize,
     /// Encoded bytes for the socket, written up to `wpos`.
@@ -152,18 +241,17 @@ impl WsSession {
         config: SessionConfig,
         now: Instant,
     ) -> WsSession {
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(config.read_buffer)
-            .write_buffer_size(0)
-            .max_write_buffer_size(config.max_frame + CONTROL_ROOM)
-            .max_message_size(Some(config.max_frame))
-            .max_frame_size(Some(config.max_frame));
+        let mut seen = Boundary::default();
+        seen.feed(&leftover);
         WsSession {
             uid,
             token_hash,
             acks,
             config,
-            ws: WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config)),
+            // No context (and no read buffer) until there is something to read.
+            ws: (!leftover.is_empty()).then(|| Box::new(new_context(leftover, &config))),
+            seen,
+            read_dry: false,
             outq: VecDeque::new(),
             queued_bytes: 0,
             wbuf: Vec::new(),
@@ -202,8 +290,15 @@ impl WsSession {
         }
     }
 
-    /// Reads, relays and writes as far as possible without blocking.
-    pub fn drive(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx, me: ReplyTo) -> Next {
+    /// Reads, relays and writes as far as possible without blocking. `scratch` is the worker's
+    /// read buffer, used while the session holds none of its own.
+    pub fn drive<S: Read + Write>(
+        &mut self,
+        sock: &mut S,
+        ctx: &WorkerCtx,
+        me: ReplyTo,
+        scratch: &mut [u8],
+    ) -> Next {
         if self.slow && self.closing.is_none() {
             log::debug!("uid {}: slow consumer, closing with 1013", self.uid);
             self.close(
@@ -232,12 +327,35 @@ impl WsSession {
             if messages >= READ_BUDGET_MESSAGES {
                 return Next::Yield;
             }
-            let read = self.ws.read(&mut Io {
+            if self.ws.is_none() {
+                // Released while idle: look for input with the worker's buffer first, so a
+                // wakeup with nothing to read allocates nothing.
+                match sock.read(scratch) {
+                    Ok(0) => return self.finish(ctx, me),
+                    Ok(n) => {
+                        self.seen.feed(&scratch[..n]);
+                        self.read_dry = false;
+                        self.ws = Some(Box::new(new_context(scratch[..n].to_vec(), &self.config)));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.read_dry = true;
+                        return match self.pump(sock, ctx, me) {
+                            Ok(()) => Next::Wait,
+                            Err(()) => self.finish(ctx, me),
+                        };
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return self.finish(ctx, me),
+                }
+            }
+            let read = context(&mut self.ws, &self.config).read(&mut Io {
                 sock: &mut *sock,
                 out: &mut self.wbuf,
+                seen: &mut self.seen,
             });
             match read {
                 Ok(msg) => {
+                    self.read_dry = false;
                     messages += 1;
                     self.last_inbound = ctx.now();
                     self.ping_sent = false;
@@ -259,6 +377,7 @@ impl WsSession {
                     }
                 }
                 Err(e) if would_block(&e) => {
+                    self.read_dry = true;
                     if self.pump(sock, ctx, me).is_err() {
                         return self.finish(ctx, me);
                     }
@@ -361,7 +480,12 @@ impl WsSession {
 
     /// Encodes queued frames and writes the buffer until the socket pushes back.
     /// Err: the connection is gone.
-    fn pump(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx, _me: ReplyTo) -> Result<(), ()> {
+    fn pump<S: Read + Write>(
+        &mut self,
+        sock: &mut S,
+        ctx: &WorkerCtx,
+        _me: ReplyTo,
+    ) -> Result<(), ()> {
         loop {
             while self.closing.is_none() && self.wbuf.len() - self.wpos < ENCODE_AHEAD {
                 let Some(out) = self.outq.pop_front() else {
@@ -373,8 +497,9 @@ impl WsSession {
                 let mut io = Io {
                     sock: &mut *sock,
                     out: &mut self.wbuf,
+                    seen: &mut self.seen,
                 };
-                match self.ws.write(&mut io, msg) {
+                match context(&mut self.ws, &self.config).write(&mut io, msg) {
                     Ok(()) => self.encoded.push_back((start, self.wbuf.len(), out)),
                     Err(_) => {
                         self.wbuf.truncate(start);
@@ -386,8 +511,9 @@ impl WsSession {
             let mut io = Io {
                 sock: &mut *sock,
                 out: &mut self.wbuf,
+                seen: &mut self.seen,
             };
-            match self.ws.flush(&mut io) {
+            match self.ws.as_mut().map_or(Ok(()), |ws| ws.flush(&mut io)) {
                 Ok(()) => {}
                 Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => {
                     self.terminated = true;
@@ -540,9 +666,9 @@ impl WsSession {
     }
 
     /// Starts the closing handshake with `code`.
-    pub fn close(
+    pub fn close<S: Read + Write>(
         &mut self,
-        sock: &mut TcpStream,
+        sock: &mut S,
         ctx: &WorkerCtx,
         me: ReplyTo,
         code: u16,
@@ -561,8 +687,9 @@ impl WsSession {
         let mut io = Io {
             sock: &mut *sock,
             out: &mut self.wbuf,
+            seen: &mut self.seen,
         };
-        match self.ws.close(&mut io, Some(frame)) {
+        match context(&mut self.ws, &self.config).close(&mut io, Some(frame)) {
             Ok(()) => {}
             Err(e) if would_block(&e) => {}
             Err(e) => log::debug!("uid {}: close: {e}", self.uid),
@@ -571,11 +698,17 @@ impl WsSession {
     }
 
     /// Discards what the peer still sends after our close, [`READ_BUDGET_MESSAGES`] per wakeup.
-    fn read_until_closed(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx, me: ReplyTo) -> Next {
+    fn read_until_closed<S: Read + Write>(
+        &mut self,
+        sock: &mut S,
+        ctx: &WorkerCtx,
+        me: ReplyTo,
+    ) -> Next {
         for _ in 0..READ_BUDGET_MESSAGES {
-            let read = self.ws.read(&mut Io {
+            let read = context(&mut self.ws, &self.config).read(&mut Io {
                 sock: &mut *sock,
                 out: &mut self.wbuf,
+                seen: &mut self.seen,
             });
             match read {
                 Ok(_) => {}
@@ -614,9 +747,9 @@ impl WsSession {
     }
 
     /// Keepalive and closing deadlines. `Some(Close)`: drop the connection now.
-    pub fn check_timers(
+    pub fn check_timers<S: Read + Write>(
         &mut self,
-        sock: &mut TcpStream,
+        sock: &mut S,
         ctx: &WorkerCtx,
         me: ReplyTo,
     ) -> Option<Next> {
@@ -630,13 +763,23 @@ impl WsSession {
             self.close(sock, ctx, me, close_code::GOING_AWAY, "idle timeout");
             return Some(self.finish(ctx, me));
         }
+        if silent >= self.config.release_after
+            && !self.release_buffers()
+            && self.wpos < self.wbuf.len()
+        {
+            return Some(Next::Wait);
+        }
         if silent >= self.config.ping_after && !self.ping_sent {
             self.ping_sent = true;
             let mut io = Io {
                 sock: &mut *sock,
                 out: &mut self.wbuf,
+                seen: &mut self.seen,
             };
-            if self.ws.write(&mut io, Message::Ping(Bytes::new())).is_err() {
+            if context(&mut self.ws, &self.config)
+                .write(&mut io, Message::Ping(Bytes::new()))
+                .is_err()
+            {
                 return Some(self.finish(ctx, me));
             }
             // Driving the connection writes it out.
@@ -645,8 +788,49 @@ impl WsSession {
         None
     }
 
+    /// Frees what an idle session does not need: tungstenite's context with its read and write
+    /// buffers, and the session's own write buffer and queues. Only between messages, with
+    /// nothing unread, unsent or pending; a fresh context is made when data comes. Returns
+    /// whether the session now holds no buffers.
+    pub fn release_buffers(&mut self) -> bool {
+        if self.ws.is_none() {
+            return true;
+        }
+        let idle = self.read_dry
+            && self.seen.between_messages()
+            && self.closing.is_none()
+            && !self.terminated
+            && !self.left
+            && self.outq.is_empty()
+            && self.encoded.is_empty()
+            && self.wpos == self.wbuf.len();
+        if !idle {
+            return false;
+        }
+        // Anything tungstenite still holds to send (a pong) must go out first.
+        let mut sink = Vec::new();
+        if self.ws.as_mut().is_some_and(|ws| {
+            ws.flush(&mut Io {
+                sock: &mut io::empty(),
+                out: &mut sink,
+                seen: &mut Boundary::default(),
+            })
+            .is_err()
+        }) || !sink.is_empty()
+        {
+            self.wbuf.extend_from_slice(&sink);
+            return false;
+        }
+        self.ws = None;
+        self.wbuf = Vec::new();
+        self.wpos = 0;
+        self.outq = VecDeque::new();
+        self.encoded = VecDeque::new();
+        true
+    }
+
     /// At shutdown: write what can be written, then close with 1001 (the rest is stored).
-    pub fn shutdown(&mut self, sock: &mut TcpStream, ctx: &WorkerCtx, me: ReplyTo) {
+    pub fn shutdown<S: Read + Write>(&mut self, sock: &mut S, ctx: &WorkerCtx, me: ReplyTo) {
         self.close(
             sock,
             ctx,
@@ -657,9 +841,9 @@ impl WsSession {
     }
 
     /// Closes because the token was revoked or a newer device replaced this one.
-    pub fn policy_close(
+    pub fn policy_close<S: Read + Write>(
         &mut self,
-        sock: &mut TcpStream,
+        sock: &mut S,
         ctx: &WorkerCtx,
         me: ReplyTo,
         reason: &'static str,
@@ -680,4 +864,66 @@ pub fn ack(s: &SenderRef, status: u8) -> Bytes {
         s.crc,
     );
     Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(fin: bool, opcode: u8, len: usize) -> Vec<u8> {
+        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+        match len {
+            0..=125 => out.push(0x80 | len as u8),
+            126..=65535 => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&[1, 2, 3, 4]);
+        out.resize(out.len() + len, 0xab);
+        out
+    }
+
+    /// Fed in every possible split, the boundary is "between messages" exactly at the ends of
+    /// complete messages (a ping inside a fragmented message is not one).
+    #[test]
+    fn boundary_knows_where_messages_end() {
+        let parts = [
+            (wire(true, 2, 29), true),
+            (wire(false, 2, 200), false),
+            (wire(true, 9, 4), false),
+            (wire(true, 0, 70_000), true),
+            (wire(true, 10, 0), true),
+        ];
+        let stream: Vec<u8> = parts.iter().flat_map(|(w, _)| w.clone()).collect();
+        let mut ends = Vec::new();
+        let mut at = 0;
+        for (w, complete) in &parts {
+            at += w.len();
+            if *complete {
+                ends.push(at);
+            }
+        }
+        for chunk in [1, 2, 3, 7, 13, 14, 100, 4096, stream.len()] {
+            let mut b = Boundary::default();
+            let mut fed = 0;
+            while fed < stream.len() {
+                let n = chunk.min(stream.len() - fed);
+                b.feed(&stream[fed..fed + n]);
+                fed += n;
+                let expect = ends.contains(&fed);
+                assert_eq!(b.between_messages(), expect, "chunk {chunk}, at {fed}");
+            }
+        }
+        let mut bad = Boundary::default();
+        bad.feed(&[
+            0x82, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0,
+        ]);
+        bad.feed(&[0; 64]);
+        assert!(!bad.between_messages());
+    }
 }
