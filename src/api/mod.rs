@@ -25,6 +25,17 @@ pub struct ApiConfig {
     pub max_teachers_page: usize,
 }
 
+impl From<&crate::config::Config> for ApiConfig {
+    fn from(config: &crate::config::Config) -> ApiConfig {
+        ApiConfig {
+            token_ttl_ms: config.token_ttl.as_millis() as u64,
+            refresh_grace_ms: config.refresh_grace.as_millis() as u64,
+            max_tokens_per_user: config.max_tokens_per_user,
+            max_teachers_page: config.max_teachers_page,
+        }
+    }
+}
+
 /// What to do with a request.
 #[derive(Debug)]
 pub enum Action {

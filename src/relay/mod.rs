@@ -20,6 +20,8 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::conn::ReplyTo;
+use crate::server::WorkerCtx;
+use crate::ws::Out;
 
 /// Frames read from the offline queue per drain step, and their approximate byte budget.
 pub const DRAIN_BATCH_FRAMES: usize = 256;
@@ -245,6 +247,102 @@ impl Relay {
             self.users.remove(&uid);
         }
     }
+}
+
+/// The connections a worker can hand frames to (its slab of sockets; in benches and fuzz
+/// targets, sessions over in-memory streams).
+pub trait Devices {
+    /// Whether the connection `to` is still there and taking frames.
+    fn accepts(&self, to: ReplyTo) -> bool;
+    /// Queues `out` on the connection `to` (one that [`Devices::accepts`]).
+    fn push(&mut self, to: ReplyTo, out: Out, ctx: &WorkerCtx);
+}
+
+/// What became of a frame handed to [`Relay::deliver`].
+pub enum Routed {
+    /// In the outbound queue of every live device of the target, or held behind its drain.
+    Done,
+    /// No device can take it: append it to the target's offline queue (after everything held
+    /// for the target, if `after_held`).
+    Append {
+        frame: Bytes,
+        sender: Option<SenderRef>,
+        after_held: bool,
+    },
+}
+
+impl Relay {
+    /// A frame for `target`, on its owner worker: to its live devices, held behind its drain,
+    /// or back to the caller for the offline queue.
+    pub fn deliver(
+        &mut self,
+        devices: &mut impl Devices,
+        ctx: &WorkerCtx,
+        target: u64,
+        frame: Bytes,
+        sender: Option<SenderRef>,
+    ) -> Routed {
+        let append = |frame, after_held| Routed::Append {
+            frame,
+            sender,
+            after_held,
+        };
+        let Some(u) = self.users.get_mut(&target) else {
+            return append(frame, false);
+        };
+        match u.mode {
+            Mode::Live if !u.conns.is_empty() => {
+                let fan = Rc::new(FanOut {
+                    target,
+                    origin: Origin::Live,
+                    sender,
+                    delivered: Cell::new(false),
+                    holders: Cell::new(0),
+                });
+                if fan_out(devices, ctx, &u.conns, &frame, &fan) == 0 {
+                    return append(frame, false);
+                }
+                Routed::Done
+            }
+            Mode::Draining if !u.conns.is_empty() => {
+                if let Some(s) = sender
+                    && u.held_bytes + frame.len() <= HELD_BYTES
+                {
+                    u.held_bytes += frame.len();
+                    u.held.push_back((frame, s));
+                    return Routed::Done;
+                }
+                // Too much held: everything held goes to the queue first, in order.
+                append(frame, true)
+            }
+            _ => append(frame, false),
+        }
+    }
+}
+
+/// Hands a frame to every device in `to` still taking frames; returns how many took it. A free
+/// function so the caller can lend the user's device list without copying it per frame.
+pub fn fan_out(
+    devices: &mut impl Devices,
+    ctx: &WorkerCtx,
+    to: &[ReplyTo],
+    frame: &Bytes,
+    fan: &Rc<FanOut>,
+) -> u32 {
+    for &dest in to {
+        if devices.accepts(dest) {
+            fan.holders.set(fan.holders.get() + 1);
+            devices.push(
+                dest,
+                Out::Relay {
+                    frame: frame.clone(),
+                    fan: fan.clone(),
+                },
+                ctx,
+            );
+        }
+    }
+    fan.holders.get()
 }
 
 /// The delivered prefix of a resolved batch: the last sequence number that can be deleted.

@@ -2,6 +2,7 @@
 //! connections; the password pool and the store writer they hand slow work to; and shutdown.
 
 mod listener;
+pub mod standalone;
 mod worker;
 
 use std::cell::{Cell, RefCell};
@@ -70,6 +71,59 @@ pub struct WorkerCtx {
 }
 
 impl WorkerCtx {
+    /// The context of worker `id`, with the limits taken from `config`. Built on the worker's
+    /// own thread (it is not `Send`).
+    pub fn new(
+        id: usize,
+        config: Arc<Config>,
+        api: Api,
+        auth: AuthPool<AuthCtx>,
+        writer: Writer<JobCtx>,
+    ) -> WorkerCtx {
+        let limits = Limits {
+            max_head: config.max_head_bytes,
+            max_body: config.max_body_bytes,
+            max_headers: config.max_headers,
+        };
+
+        let session = SessionConfig {
+            max_frame: config.max_frame,
+            read_buffer: config.ws_read_buffer,
+            rate_per_sec: config.rate_per_sec,
+            rate_burst: config.rate_burst,
+            slow_consumer_bytes: config.slow_consumer_bytes,
+            linger: config.linger,
+            ping_after: config.ping_after,
+            idle_timeout: config.ws_idle_timeout,
+            release_after: config.ws_release_after,
+        };
+        let queue_limits = QueueLimits {
+            max_frames: config.queue_max_frames,
+            max_bytes: config.queue_max_bytes,
+        };
+        WorkerCtx {
+            id,
+            workers: config.workers,
+            limits,
+            session,
+            queue_limits,
+            api,
+            auth,
+            writer,
+            config,
+            now: Cell::new(Instant::now()),
+            draining: Cell::new(false),
+            effects: RefCell::new(Vec::new()),
+            registered: RefCell::new(HashSet::new()),
+            next_tentative: Cell::new(0),
+        }
+    }
+
+    /// Reads the clock once for this loop iteration.
+    pub fn tick(&self) {
+        self.now.set(Instant::now());
+    }
+
     /// The time at the start of this loop iteration (one clock read per wakeup).
     pub fn now(&self) -> Instant {
         self.now.get()
@@ -92,7 +146,8 @@ impl WorkerCtx {
         id
     }
 
-    fn take_effects(&self) -> Vec<Effect> {
+    /// The relay work connections asked for since the last call, in order.
+    pub fn take_effects(&self) -> Vec<Effect> {
         std::mem::take(&mut *self.effects.borrow_mut())
     }
 
@@ -287,33 +342,7 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
         wakers: Arc::new(mailboxes.iter().map(|m| m.waker.clone()).collect()),
     };
     let open_conns = Arc::new(AtomicUsize::new(0));
-    let api_config = ApiConfig {
-        token_ttl_ms: config.token_ttl.as_millis() as u64,
-        refresh_grace_ms: config.refresh_grace.as_millis() as u64,
-        max_tokens_per_user: config.max_tokens_per_user,
-        max_teachers_page: config.max_teachers_page,
-    };
-    let limits = Limits {
-        max_head: config.max_head_bytes,
-        max_body: config.max_body_bytes,
-        max_headers: config.max_headers,
-    };
-
-    let session = SessionConfig {
-        max_frame: config.max_frame,
-        read_buffer: config.ws_read_buffer,
-        rate_per_sec: config.rate_per_sec,
-        rate_burst: config.rate_burst,
-        slow_consumer_bytes: config.slow_consumer_bytes,
-        linger: config.linger,
-        ping_after: config.ping_after,
-        idle_timeout: config.ws_idle_timeout,
-        release_after: config.ws_release_after,
-    };
-    let queue_limits = QueueLimits {
-        max_frames: config.queue_max_frames,
-        max_bytes: config.queue_max_bytes,
-    };
+    let api_config = ApiConfig::from(&*config);
     let shared = worker::Shared {
         stop: stopper.flag.clone(),
         open_conns,
@@ -338,22 +367,7 @@ pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
             std::thread::Builder::new()
                 .name(format!("polyge-worker-{id}"))
                 .spawn(move || {
-                    let ctx = WorkerCtx {
-                        id,
-                        workers: config.workers,
-                        limits,
-                        session,
-                        queue_limits,
-                        api,
-                        auth,
-                        writer,
-                        config,
-                        now: Cell::new(Instant::now()),
-                        draining: Cell::new(false),
-                        effects: RefCell::new(Vec::new()),
-                        registered: RefCell::new(HashSet::new()),
-                        next_tentative: Cell::new(0),
-                    };
+                    let ctx = WorkerCtx::new(id, config, api, auth, writer);
                     match worker::Worker::new(poll, listener, inbox, ctx, shared) {
                         Ok(w) => w.run(),
                         Err(e) => log::error!("worker {id} cannot start: {e}"),

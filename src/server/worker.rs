@@ -20,8 +20,8 @@ use crate::api::Api;
 use crate::conn::{Conn, Next, ReplyTo};
 use crate::frame::{self, error_code};
 use crate::relay::{
-    self, Adopt, DRAIN_BATCH_BYTES, DRAIN_BATCH_FRAMES, Effect, FanOut, HELD_BYTES, Mode, Origin,
-    Relay, RelayJob, RelayMsg, SenderRef,
+    self, Adopt, DRAIN_BATCH_BYTES, DRAIN_BATCH_FRAMES, Devices, Effect, FanOut, Mode, Origin,
+    Relay, RelayJob, RelayMsg, Routed, SenderRef,
 };
 use crate::store::{WriteOp, WriteOutcome};
 use crate::ws::{self, Out, WsSession};
@@ -117,7 +117,7 @@ impl Worker {
                 log::error!("worker {}: poll failed: {e}", self.ctx.id);
                 break;
             }
-            self.ctx.now.set(Instant::now());
+            self.ctx.tick();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),
@@ -421,43 +421,22 @@ impl Worker {
 
     /// A frame for `target`, on its owner worker.
     fn deliver(&mut self, target: u64, frame: Bytes, sender: Option<SenderRef>) {
-        let Some(u) = self.relay.users.get_mut(&target) else {
-            return self.append(target, frame, sender, None);
+        let mut devices = Slots {
+            conns: &mut self.conns,
+            dirty: &mut self.dirty,
         };
-        match u.mode {
-            Mode::Live if !u.conns.is_empty() => {
-                let fan = Rc::new(FanOut {
-                    target,
-                    origin: Origin::Live,
-                    sender,
-                    delivered: Cell::new(false),
-                    holders: Cell::new(0),
-                });
-                let took = fan_out(
-                    &mut self.conns,
-                    &self.ctx,
-                    &mut self.dirty,
-                    &u.conns,
-                    &frame,
-                    &fan,
-                );
-                if took == 0 {
-                    self.append(target, frame, sender, None);
-                }
-            }
-            Mode::Draining if !u.conns.is_empty() => {
-                if let Some(s) = sender
-                    && u.held_bytes + frame.len() <= HELD_BYTES
-                {
-                    u.held_bytes += frame.len();
-                    u.held.push_back((frame, s));
-                    return;
-                }
-                // Too much held: everything held goes to the queue first, in order.
+        if let Routed::Append {
+            frame,
+            sender,
+            after_held,
+        } = self
+            .relay
+            .deliver(&mut devices, &self.ctx, target, frame, sender)
+        {
+            if after_held {
                 self.release_held(target);
-                self.append(target, frame, sender, None);
             }
-            _ => self.append(target, frame, sender, None),
+            self.append(target, frame, sender, None);
         }
     }
 
@@ -705,10 +684,12 @@ impl Worker {
                             delivered: Cell::new(false),
                             holders: Cell::new(0),
                         });
-                        fan_out(
-                            &mut self.conns,
+                        relay::fan_out(
+                            &mut Slots {
+                                conns: &mut self.conns,
+                                dirty: &mut self.dirty,
+                            },
                             &self.ctx,
-                            &mut self.dirty,
                             &holders,
                             &bytes,
                             &fan,
@@ -969,30 +950,22 @@ impl Worker {
     }
 }
 
-/// Hands a frame to every device in `to` still taking frames; returns how many took it. A free
-/// function so the caller can lend the user's device list without copying it per frame.
-fn fan_out(
-    conns: &mut Slab<Conn>,
-    ctx: &WorkerCtx,
-    dirty: &mut Vec<usize>,
-    to: &[ReplyTo],
-    frame: &Bytes,
-    fan: &Rc<FanOut>,
-) -> u32 {
-    for &dest in to {
-        if let Some(conn) = conns.get_mut(dest.key)
-            && conn.accepts(dest)
-        {
-            fan.holders.set(fan.holders.get() + 1);
-            conn.push_out(
-                Out::Relay {
-                    frame: frame.clone(),
-                    fan: fan.clone(),
-                },
-                ctx,
-            );
-            dirty.push(dest.key);
+/// The worker's connections as the relay sees them; every connection handed a frame is
+/// marked for writing before the next poll.
+struct Slots<'a> {
+    conns: &'a mut Slab<Conn>,
+    dirty: &'a mut Vec<usize>,
+}
+
+impl Devices for Slots<'_> {
+    fn accepts(&self, to: ReplyTo) -> bool {
+        self.conns.get(to.key).is_some_and(|c| c.accepts(to))
+    }
+
+    fn push(&mut self, to: ReplyTo, out: Out, ctx: &WorkerCtx) {
+        if let Some(conn) = self.conns.get_mut(to.key) {
+            conn.push_out(out, ctx);
+            self.dirty.push(to.key);
         }
     }
-    fan.holders.get()
 }

@@ -1,8 +1,10 @@
 //! The WebSocket stage: the upgrade checks, and one session driven non-blocking over
 //! tungstenite on the owner worker's loop, applying the relay rules to each inbound frame.
 
+mod mem;
 mod session;
 
+pub use mem::MemStream;
 pub use session::{Out, SessionConfig, WsSession, ack};
 
 use crate::http::{Method, Request, Status};

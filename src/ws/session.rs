@@ -402,8 +402,9 @@ impl WsSession {
         }
     }
 
-    /// The relay rules for one inbound binary message, in order.
-    fn on_frame(&mut self, bytes: Bytes, ctx: &WorkerCtx, me: ReplyTo) {
+    /// The relay rules for one inbound binary message, in order: parse, CRC, reserved types,
+    /// sender, target, rate; a frame that passes becomes [`Effect::Deliver`] for the worker.
+    pub fn on_frame(&mut self, bytes: Bytes, ctx: &WorkerCtx, me: ReplyTo) {
         let f = match Frame::parse(&bytes) {
             Ok(f) => f,
             Err(FrameError::TooShort) => {
