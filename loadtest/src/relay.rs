@@ -5,14 +5,24 @@
 //!
 //! The frame's timestamp field carries the microsecond it was due to be sent (the server treats
 //! it as opaque), so latency is measured from the frame itself, without coordinated omission.
+//!
+//! The clients are event-driven: each of `--threads` threads runs one mio loop over its share of
+//! the pairs (both ends of a pair in the same loop), so a thousand pairs cost a thousand
+//! sockets, not two thousand threads, and the generator does not become the bottleneck it would
+//! be with a thread per connection (context switches on the load generator's core would show up
+//! as server latency). In open loop the k-th frame of a loop is due at `start + k / rate` and goes
+//! to pair `k mod pairs`: an exact, evenly spread schedule.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
 use polyge::frame::{self, Frame, MIN_FRAME};
 use serde::Serialize;
 use tungstenite::{Message, WebSocket};
@@ -39,6 +49,9 @@ pub struct RelayArgs {
     /// How long targets wait for frames still in flight after the senders stop, in seconds.
     #[arg(long, default_value_t = 5)]
     grace: u64,
+    /// Client event loops (threads); the pairs are split between them.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Drive `polyge-baseline` instead: no accounts; uids 1..=2N, the token is the uid.
     #[arg(long)]
     baseline: bool,
@@ -74,6 +87,7 @@ struct Results {
     size: usize,
     rate: u64,
     window: u64,
+    threads: usize,
     seconds: f64,
     delivered_per_sec: f64,
     server_cpu_ns_per_frame: Option<f64>,
@@ -88,17 +102,265 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
+fn would_block(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// Connects and upgrades (blocking), then turns the socket non-blocking for the event loop.
 fn connect(addr: SocketAddr, token: &str) -> Result<WebSocket<TcpStream>, String> {
     let stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    setup::upgrade(stream, addr, token)
+    let mut ws = setup::upgrade(stream, addr, token)?;
+    ws.get_mut()
+        .set_nonblocking(true)
+        .map_err(|e| e.to_string())?;
+    Ok(ws)
 }
 
-/// Per-pair counters shared by its sender and target threads.
+/// One sender/target pair, driven by one loop.
+struct Pair {
+    tx: WebSocket<TcpStream>,
+    rx: WebSocket<TcpStream>,
+    sender: u64,
+    target: u64,
+    /// Frames sent (the last sequence number).
+    sent: u64,
+    /// The next sequence number the target expects.
+    expected: u64,
+    refused: u64,
+    delivered: u64,
+    /// The sender's socket pushed back: flush again when it is writable.
+    tx_blocked: bool,
+}
+
+/// What one loop counted.
 #[derive(Default)]
-struct PairState {
-    sent: AtomicU64,
-    received: AtomicU64,
+struct LoopResult {
+    totals: Totals,
+    latency: Series,
+    last_delivery: Option<Instant>,
+}
+
+struct Plan {
+    size: usize,
+    window: u64,
+    /// Open loop: time between two frames of this loop.
+    interval: Option<Duration>,
+    duration: Duration,
+    grace: Duration,
+}
+
+/// Frame `seq` from the pair's sender, stamped `stamp_us`.
+fn send_one(p: &mut Pair, buf: &mut Vec<u8>, padding: &[u8], stamp_us: u64) -> Result<(), String> {
+    p.sent += 1;
+    let mut data = Vec::with_capacity(8 + padding.len());
+    data.extend_from_slice(&p.sent.to_be_bytes());
+    data.extend_from_slice(padding);
+    buf.clear();
+    frame::encode(
+        buf,
+        p.sender,
+        p.target,
+        frame::msg_type::TEXT,
+        stamp_us,
+        &data,
+    );
+    match p
+        .tx
+        .write(Message::Binary(bytes::Bytes::copy_from_slice(buf)))
+    {
+        Ok(()) => Ok(()),
+        Err(e) if would_block(&e) => {
+            p.tx_blocked = true;
+            Ok(())
+        }
+        Err(e) => Err(format!("send: {e}")),
+    }
+}
+
+fn flush(p: &mut Pair) -> Result<(), String> {
+    match p.tx.flush() {
+        Ok(()) => {
+            p.tx_blocked = false;
+            Ok(())
+        }
+        Err(e) if would_block(&e) => {
+            p.tx_blocked = true;
+            Ok(())
+        }
+        Err(e) => Err(format!("send: {e}")),
+    }
+}
+
+/// Reads everything the target has; returns how many frames arrived.
+fn receive(p: &mut Pair, r: &mut LoopResult, live: &Live) -> Result<u64, String> {
+    let mut got = 0;
+    loop {
+        let bytes = match p.rx.read() {
+            Ok(Message::Binary(b)) => b,
+            Ok(_) => continue,
+            Err(e) if would_block(&e) => break,
+            Err(e) => return Err(format!("target read: {e}")),
+        };
+        let Ok(f) = Frame::parse(&bytes) else {
+            r.totals.corrupted += 1;
+            continue;
+        };
+        if f.uid() != p.sender || f.data().len() < 8 {
+            r.totals.corrupted += 1;
+            continue;
+        }
+        let seq = u64::from_be_bytes(f.data()[..8].try_into().expect("8 bytes"));
+        // Out of order counts as duplicated (order is promised); a gap shows up as frames
+        // never delivered.
+        if seq < p.expected {
+            r.totals.duplicated += 1;
+            continue;
+        }
+        p.expected = seq + 1;
+        p.delivered += 1;
+        got += 1;
+        r.totals.delivered += 1;
+        r.latency
+            .record(true, now_us().saturating_sub(f.timestamp()));
+    }
+    if got > 0 {
+        live.done.fetch_add(got, Ordering::Relaxed);
+        r.last_delivery = Some(Instant::now());
+    }
+    Ok(got)
+}
+
+/// ERROR frames the server sent the sender (refused frames are accounted, not lost).
+fn read_refusals(p: &mut Pair, r: &mut LoopResult) -> Result<(), String> {
+    loop {
+        match p.tx.read() {
+            Ok(Message::Binary(b)) => {
+                if let Ok(f) = Frame::parse(&b)
+                    && f.msg_type() == frame::msg_type::ERROR
+                    && !f.data().is_empty()
+                {
+                    p.refused += 1;
+                    *r.totals
+                        .refused
+                        .entry(format!("error_{}", f.data()[0]))
+                        .or_default() += 1;
+                }
+            }
+            Ok(_) => {}
+            Err(e) if would_block(&e) => return Ok(()),
+            Err(e) => return Err(format!("sender read: {e}")),
+        }
+    }
+}
+
+/// One event loop over `pairs`, from `go` until every frame is accounted for (or the grace
+/// runs out).
+fn run_loop(
+    mut pairs: Vec<Pair>,
+    plan: &Plan,
+    go: &Barrier,
+    live: &Live,
+) -> Result<LoopResult, String> {
+    let mut poll = Poll::new().map_err(|e| e.to_string())?;
+    for (i, p) in pairs.iter().enumerate() {
+        for (k, fd) in [p.tx.get_ref().as_raw_fd(), p.rx.get_ref().as_raw_fd()]
+            .into_iter()
+            .enumerate()
+        {
+            poll.registry()
+                .register(
+                    &mut SourceFd(&fd),
+                    Token(2 * i + k),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let mut r = LoopResult::default();
+    let mut events = Events::with_capacity(1024);
+    let mut buf = Vec::with_capacity(plan.size);
+    let padding = vec![0x5au8; plan.size - MIN_FRAME - 8];
+    let mut touched: Vec<usize> = Vec::new();
+    go.wait();
+    let start = Instant::now();
+    let start_us = now_us();
+    let stop_at = start + plan.duration;
+    let mut scheduled = 0u64;
+    if plan.interval.is_none() {
+        for p in pairs.iter_mut() {
+            for _ in 0..plan.window {
+                send_one(p, &mut buf, &padding, now_us())?;
+            }
+            flush(p)?;
+        }
+    }
+    loop {
+        let now = Instant::now();
+        let sending = now < stop_at;
+        if !sending {
+            let settled = pairs.iter().all(|p| p.delivered + p.refused >= p.sent);
+            if settled || now >= stop_at + plan.grace {
+                break;
+            }
+        }
+        // Open loop: send every frame now due, stamped with when it was due.
+        let timeout = match plan.interval {
+            Some(iv) if sending => {
+                loop {
+                    let due = iv * scheduled as u32;
+                    if start + due > now || start + due >= stop_at {
+                        break;
+                    }
+                    let i = (scheduled % pairs.len() as u64) as usize;
+                    send_one(
+                        &mut pairs[i],
+                        &mut buf,
+                        &padding,
+                        start_us + due.as_micros() as u64,
+                    )?;
+                    touched.push(i);
+                    scheduled += 1;
+                }
+                for i in touched.drain(..) {
+                    flush(&mut pairs[i])?;
+                }
+                Some((start + iv * scheduled as u32).saturating_duration_since(Instant::now()))
+            }
+            _ => Some(Duration::from_millis(50)),
+        };
+        poll.poll(&mut events, timeout).map_err(|e| e.to_string())?;
+        for ev in events.iter() {
+            let i = ev.token().0 / 2;
+            let p = &mut pairs[i];
+            if ev.token().0 % 2 == 1 {
+                let got = receive(p, &mut r, live)?;
+                // tungstenite answers pings on read; the answer may still need a flush.
+                let _ = p.rx.flush();
+                if got > 0 && plan.interval.is_none() && Instant::now() < stop_at {
+                    // Closed loop: refill the window.
+                    let in_flight = p.sent - p.delivered - p.refused.min(p.sent - p.delivered);
+                    for _ in in_flight..plan.window {
+                        send_one(p, &mut buf, &padding, now_us())?;
+                    }
+                    flush(p)?;
+                }
+            } else {
+                if ev.is_readable() {
+                    read_refusals(p, &mut r)?;
+                }
+                if ev.is_writable() && p.tx_blocked {
+                    flush(p)?;
+                }
+            }
+        }
+    }
+    for p in &pairs {
+        r.totals.sent += p.sent;
+        // Anything neither delivered nor refused by the end is lost.
+        r.totals.lost += p.sent.saturating_sub(p.delivered + p.refused);
+    }
+    Ok(r)
 }
 
 pub fn run(args: RelayArgs) -> Result<bool, String> {
@@ -107,9 +369,10 @@ pub fn run(args: RelayArgs) -> Result<bool, String> {
     if args.size < MIN_FRAME + 8 {
         return Err(format!("--size must be at least {}", MIN_FRAME + 8));
     }
-    if args.pairs == 0 || args.window == 0 {
-        return Err("--pairs and --window must be at least 1".into());
+    if args.pairs == 0 || args.window == 0 || args.threads == 0 {
+        return Err("--pairs, --window and --threads must be at least 1".into());
     }
+    let threads = args.threads.min(args.pairs);
     let accounts: Vec<setup::Account> = if args.baseline {
         (1..=2 * args.pairs as u64)
             .map(|uid| (uid, uid.to_string()))
@@ -122,55 +385,60 @@ pub fn run(args: RelayArgs) -> Result<bool, String> {
             2 * args.pairs,
         )?
     };
+    let mut shares: Vec<Vec<Pair>> = (0..threads).map(|_| Vec::new()).collect();
+    for (n, pair) in accounts.chunks(2).enumerate() {
+        let (s, t) = (&pair[0], &pair[1]);
+        shares[n % threads].push(Pair {
+            rx: connect(target, &t.1)?,
+            tx: connect(target, &s.1)?,
+            sender: s.0,
+            target: t.0,
+            sent: 0,
+            expected: 1,
+            refused: 0,
+            delivered: 0,
+            tx_blocked: false,
+        });
+    }
     let live = Arc::new(Live::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let interval =
-        (args.rate > 0).then(|| Duration::from_secs_f64(args.pairs as f64 / args.rate as f64));
-    let mut targets = Vec::new();
-    let mut senders = Vec::new();
-    let sending = Arc::new(AtomicBool::new(true));
-    for pair in accounts.chunks(2) {
-        let (s, t) = (pair[0].clone(), pair[1].clone());
-        let state = Arc::new(PairState::default());
-        let mut rx = connect(target, &t.1)?;
-        rx.get_mut()
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .map_err(|e| e.to_string())?;
-        let mut tx = connect(target, &s.1)?;
-        let (live_r, st_r, sending_r) = (live.clone(), state.clone(), sending.clone());
-        let grace = Duration::from_secs(args.grace);
-        let sender_uid = s.0;
-        targets.push(std::thread::spawn(move || {
-            receive(&mut rx, sender_uid, &st_r, &live_r, &sending_r, grace)
-        }));
-        let (st_s, sending_s, window, size) =
-            (state.clone(), sending.clone(), args.window, args.size);
-        senders.push(std::thread::spawn(move || {
-            send(&mut tx, s.0, t.0, size, window, interval, &st_s, &sending_s)
+    let go = Arc::new(Barrier::new(threads + 1));
+    let mut loops = Vec::new();
+    for share in shares {
+        let plan = Plan {
+            size: args.size,
+            window: args.window,
+            interval: (args.rate > 0)
+                .then(|| Duration::from_secs_f64(threads as f64 / args.rate as f64)),
+            duration: Duration::from_secs(args.common.duration),
+            grace: Duration::from_secs(args.grace),
+        };
+        let (go, live) = (go.clone(), live.clone());
+        loops.push(std::thread::spawn(move || {
+            run_loop(share, &plan, &go, &live)
         }));
     }
     let ticker = report::progress(live.clone(), stop.clone(), "frames");
     let cpu_before = args.server_pid.and_then(cpu_seconds);
+    go.wait();
     let start = Instant::now();
-    std::thread::sleep(Duration::from_secs(args.common.duration));
-    sending.store(false, Ordering::Relaxed);
     let mut totals = Totals::default();
-    for s in senders {
-        let (sent, refused) = s.join().expect("sender thread")?;
-        totals.sent += sent;
-        for (k, v) in refused {
+    let mut latency = Series::default();
+    // The rate counts frames delivered from the start to the last delivery (in-flight frames
+    // arrive after the senders stop).
+    let mut last_delivery = start;
+    for l in loops {
+        let r = l.join().expect("client loop")?;
+        totals.sent += r.totals.sent;
+        totals.delivered += r.totals.delivered;
+        totals.duplicated += r.totals.duplicated;
+        totals.corrupted += r.totals.corrupted;
+        totals.lost += r.totals.lost;
+        for (k, v) in r.totals.refused {
             *totals.refused.entry(k).or_default() += v;
         }
-    }
-    let sending_time = start.elapsed();
-    let mut latency = Series::default();
-    for t in targets {
-        let r = t.join().expect("target thread")?;
-        totals.delivered += r.delivered;
-        totals.duplicated += r.duplicated;
-        totals.corrupted += r.corrupted;
-        totals.lost += r.lost;
         latency.merge(r.latency);
+        last_delivery = last_delivery.max(r.last_delivery.unwrap_or(start));
     }
     stop.store(true, Ordering::Relaxed);
     let _ = ticker.join();
@@ -178,12 +446,9 @@ pub fn run(args: RelayArgs) -> Result<bool, String> {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    let refused: u64 = totals.refused.values().sum();
-    // Frames the server refused with an ERROR are accounted, not lost.
-    totals.lost = totals
-        .sent
-        .saturating_sub(totals.delivered + refused)
-        .max(totals.lost);
+    let sending_time = last_delivery
+        .duration_since(start)
+        .max(Duration::from_millis(1));
     let mut series = BTreeMap::new();
     series.insert("frames".to_string(), latency);
     let rows = report::table(&series, sending_time);
@@ -213,6 +478,7 @@ pub fn run(args: RelayArgs) -> Result<bool, String> {
                 size: args.size,
                 rate: args.rate,
                 window: args.window,
+                threads,
                 seconds: sending_time.as_secs_f64(),
                 delivered_per_sec: per_sec,
                 server_cpu_ns_per_frame: cpu_ns_per_frame,
@@ -222,147 +488,4 @@ pub fn run(args: RelayArgs) -> Result<bool, String> {
         )?;
     }
     Ok(ok)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn send(
-    ws: &mut WebSocket<TcpStream>,
-    uid: u64,
-    target: u64,
-    size: usize,
-    window: u64,
-    interval: Option<Duration>,
-    state: &PairState,
-    sending: &AtomicBool,
-) -> Result<(u64, BTreeMap<String, u64>), String> {
-    let mut seq = 0u64;
-    let mut buf = Vec::with_capacity(size);
-    let padding = vec![0x5au8; size - MIN_FRAME - 8];
-    let mut due = Instant::now();
-    let due_us_base = now_us();
-    let base = Instant::now();
-    while sending.load(Ordering::Relaxed) {
-        // Closed loop: fill the window, then flush once (one syscall for the batch).
-        let burst = match interval {
-            Some(iv) => {
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-                due += iv;
-                1
-            }
-            None => loop {
-                let free = window.saturating_sub(seq - state.received.load(Ordering::Relaxed));
-                if free > 0 || !sending.load(Ordering::Relaxed) {
-                    break free;
-                }
-                std::thread::yield_now();
-            },
-        };
-        if !sending.load(Ordering::Relaxed) {
-            break;
-        }
-        for _ in 0..burst {
-            let stamp = match interval {
-                Some(iv) => due_us_base + (due - iv).duration_since(base).as_micros() as u64,
-                None => now_us(),
-            };
-            seq += 1;
-            buf.clear();
-            let mut data = Vec::with_capacity(size);
-            data.extend_from_slice(&seq.to_be_bytes());
-            data.extend_from_slice(&padding);
-            frame::encode(&mut buf, uid, target, frame::msg_type::TEXT, stamp, &data);
-            ws.write(Message::Binary(bytes::Bytes::copy_from_slice(&buf)))
-                .map_err(|e| format!("send: {e}"))?;
-        }
-        ws.flush().map_err(|e| format!("send: {e}"))?;
-        state.sent.store(seq, Ordering::Relaxed);
-    }
-    // Collect what the server refused (ERROR frames), briefly.
-    let mut refused = BTreeMap::new();
-    ws.get_mut()
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .map_err(|e| e.to_string())?;
-    while let Ok(Message::Binary(b)) = ws.read() {
-        if let Ok(f) = Frame::parse(&b)
-            && f.msg_type() == frame::msg_type::ERROR
-            && !f.data().is_empty()
-        {
-            *refused.entry(format!("error_{}", f.data()[0])).or_default() += 1;
-        }
-    }
-    Ok((seq, refused))
-}
-
-struct Received {
-    delivered: u64,
-    duplicated: u64,
-    corrupted: u64,
-    lost: u64,
-    latency: Series,
-}
-
-fn receive(
-    ws: &mut WebSocket<TcpStream>,
-    sender: u64,
-    state: &PairState,
-    live: &Live,
-    sending: &AtomicBool,
-    grace: Duration,
-) -> Result<Received, String> {
-    let mut r = Received {
-        delivered: 0,
-        duplicated: 0,
-        corrupted: 0,
-        lost: 0,
-        latency: Series::default(),
-    };
-    let mut expected = 1u64;
-    let mut stopped_at: Option<Instant> = None;
-    loop {
-        if !sending.load(Ordering::Relaxed) {
-            let at = *stopped_at.get_or_insert_with(Instant::now);
-            if expected > state.sent.load(Ordering::Relaxed) || at.elapsed() > grace {
-                break;
-            }
-        }
-        let bytes = match ws.read() {
-            Ok(Message::Binary(b)) => b,
-            Ok(_) => continue,
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue;
-            }
-            Err(e) => return Err(format!("target read: {e}")),
-        };
-        let Ok(f) = Frame::parse(&bytes) else {
-            r.corrupted += 1;
-            continue;
-        };
-        if f.uid() != sender || f.data().len() < 8 {
-            r.corrupted += 1;
-            continue;
-        }
-        let seq = u64::from_be_bytes(f.data()[..8].try_into().expect("8 bytes"));
-        if seq < expected {
-            r.duplicated += 1;
-            continue;
-        }
-        if seq > expected {
-            r.lost += seq - expected;
-        }
-        expected = seq + 1;
-        r.delivered += 1;
-        state.received.store(seq, Ordering::Relaxed);
-        live.done.fetch_add(1, Ordering::Relaxed);
-        r.latency
-            .record(true, now_us().saturating_sub(f.timestamp()));
-    }
-    Ok(r)
 }
