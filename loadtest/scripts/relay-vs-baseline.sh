@@ -18,14 +18,23 @@ OUT=${5:-target/relay-vs-baseline}
 BIN=${BIN:-./target/release}
 ulimit -n "$(ulimit -Hn)"
 mkdir -p "$OUT"
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for port in 5918 5919; do
+    # A server from an earlier run may still be exiting.
+    for _ in $(seq 50); do listening $port || break; sleep 0.2; done
+    if listening $port; then echo "port $port is busy" >&2; exit 1; fi
+done
 data=$(mktemp -d)
 "$BIN/polyge" --listen 127.0.0.1:5918 --data-dir "$data" --workers 1 \
     --rate-per-sec 10000000 --rate-burst 10000000 >"$OUT/polyge.log" 2>&1 &
 polyge=$!
 taskset -c 0 "$BIN/polyge-baseline" 127.0.0.1:5919 1 >"$OUT/baseline.log" 2>&1 &
 baseline=$!
-trap 'kill $polyge $baseline 2>/dev/null; rm -rf "$data"' EXIT
-sleep 1
+trap 'kill $polyge $baseline 2>/dev/null; wait; rm -rf "$data"' EXIT
+for port in 5918 5919; do
+    for _ in $(seq 50); do listening $port && break; sleep 0.1; done
+    if ! listening $port; then echo "no server on port $port" >&2; exit 1; fi
+done
 for task in /proc/$polyge/task/*; do
     if [ "$(cat "$task/comm")" = "polyge-worker-0" ]; then
         taskset -p -c 0 "$(basename "$task")" >/dev/null

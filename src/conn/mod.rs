@@ -55,6 +55,47 @@ enum Phase {
     WebSocket(Box<WsSession>),
 }
 
+/// The socket as a WebSocket session reads it: no read syscall once the socket is known to be
+/// drained. The poller is edge-triggered and signals every arrival of new data, so a read that
+/// returned less than asked for (or `WouldBlock`) means nothing more until the next event; a
+/// session driven only because it has output does not pay for a read that would fail.
+struct Readiness<'a> {
+    sock: &'a mut TcpStream,
+    readable: &'a mut bool,
+}
+
+impl Read for Readiness<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !*self.readable {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        match self.sock.read(buf) {
+            Ok(n) => {
+                if n < buf.len() {
+                    *self.readable = false;
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    *self.readable = false;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Write for Readiness<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sock.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
+    }
+}
+
 /// One connection's state.
 pub struct Conn {
     sock: TcpStream,
@@ -197,7 +238,11 @@ impl Conn {
     /// Makes all the progress possible without blocking: write, parse, serve, read.
     pub fn drive(&mut self, ctx: &WorkerCtx, scratch: &mut [u8]) -> Next {
         if let Phase::WebSocket(ws) = &mut self.phase {
-            return ws.drive(&mut self.sock, ctx, self.reply_to, scratch);
+            let mut sock = Readiness {
+                sock: &mut self.sock,
+                readable: &mut self.can_read,
+            };
+            return ws.drive(&mut sock, ctx, self.reply_to, scratch);
         }
         let mut budget = READ_BUDGET;
         loop {
