@@ -31,6 +31,9 @@ pub struct ConnectionsArgs {
     /// Connections per source address before moving to the next 127.0.0.x.
     #[arg(long, default_value_t = 20_000)]
     per_source: usize,
+    /// Connect to `polyge-baseline` instead: no accounts, the token is the uid.
+    #[arg(long)]
+    baseline: bool,
 }
 
 #[derive(Serialize)]
@@ -84,8 +87,14 @@ pub fn run(args: ConnectionsArgs) -> Result<bool, String> {
         Err(e) => eprintln!("warning: cannot raise the open-file limit: {e}"),
     }
     let users = args.count.div_ceil(args.per_user);
-    eprintln!("setting up {users} accounts...");
-    let accounts = setup::accounts(target, &format!("idle{}", std::process::id()), users)?;
+    let accounts: Vec<setup::Account> = if args.baseline {
+        (1..=users as u64)
+            .map(|uid| (uid, uid.to_string()))
+            .collect()
+    } else {
+        eprintln!("setting up {users} accounts...");
+        setup::accounts(target, &format!("idle{}", std::process::id()), users)?
+    };
     let before = args.server_pid.and_then(rss_kib);
     let mut held = Vec::with_capacity(args.count);
     let mut failures = 0;
