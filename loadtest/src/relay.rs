@@ -144,8 +144,8 @@ struct LoopResult {
 struct Plan {
     size: usize,
     window: u64,
-    /// Open loop: time between two frames of this loop.
-    interval: Option<Duration>,
+    /// Open loop: frames per second sent by this loop.
+    rate: Option<f64>,
     duration: Duration,
     grace: Duration,
 }
@@ -254,6 +254,16 @@ fn read_refusals(p: &mut Pair, r: &mut LoopResult) -> Result<(), String> {
     }
 }
 
+/// Closed loop: tops the pair's window up (frames in flight are those neither delivered nor
+/// refused yet).
+fn refill(p: &mut Pair, window: u64, buf: &mut Vec<u8>, padding: &[u8]) -> Result<(), String> {
+    let in_flight = p.sent.saturating_sub(p.delivered + p.refused);
+    for _ in in_flight..window {
+        send_one(p, buf, padding, now_us())?;
+    }
+    flush(p)
+}
+
 /// One event loop over `pairs`, from `go` until every frame is accounted for (or the grace
 /// runs out).
 fn run_loop(
@@ -262,37 +272,37 @@ fn run_loop(
     go: &Barrier,
     live: &Live,
 ) -> Result<LoopResult, String> {
-    let mut poll = Poll::new().map_err(|e| e.to_string())?;
-    for (i, p) in pairs.iter().enumerate() {
-        for (k, fd) in [p.tx.get_ref().as_raw_fd(), p.rx.get_ref().as_raw_fd()]
-            .into_iter()
-            .enumerate()
-        {
-            poll.registry()
-                .register(
+    let registered = (|| -> std::io::Result<Poll> {
+        let poll = Poll::new()?;
+        for (i, p) in pairs.iter().enumerate() {
+            for (k, fd) in [p.tx.get_ref().as_raw_fd(), p.rx.get_ref().as_raw_fd()]
+                .into_iter()
+                .enumerate()
+            {
+                poll.registry().register(
                     &mut SourceFd(&fd),
                     Token(2 * i + k),
                     Interest::READABLE | Interest::WRITABLE,
-                )
-                .map_err(|e| e.to_string())?;
+                )?;
+            }
         }
-    }
+        Ok(poll)
+    })();
+    // Every loop reaches the barrier, even one that failed, so no other thread waits forever.
+    go.wait();
+    let mut poll = registered.map_err(|e| format!("poll: {e}"))?;
     let mut r = LoopResult::default();
     let mut events = Events::with_capacity(1024);
     let mut buf = Vec::with_capacity(plan.size);
     let padding = vec![0x5au8; plan.size - MIN_FRAME - 8];
     let mut touched: Vec<usize> = Vec::new();
-    go.wait();
     let start = Instant::now();
     let start_us = now_us();
     let stop_at = start + plan.duration;
     let mut scheduled = 0u64;
-    if plan.interval.is_none() {
+    if plan.rate.is_none() {
         for p in pairs.iter_mut() {
-            for _ in 0..plan.window {
-                send_one(p, &mut buf, &padding, now_us())?;
-            }
-            flush(p)?;
+            refill(p, plan.window, &mut buf, &padding)?;
         }
     }
     loop {
@@ -305,10 +315,11 @@ fn run_loop(
             }
         }
         // Open loop: send every frame now due, stamped with when it was due.
-        let timeout = match plan.interval {
-            Some(iv) if sending => {
+        let timeout = match plan.rate {
+            Some(rate) if sending => {
+                let due_at = |k: u64| Duration::from_secs_f64(k as f64 / rate);
                 loop {
-                    let due = iv * scheduled as u32;
+                    let due = due_at(scheduled);
                     if start + due > now || start + due >= stop_at {
                         break;
                     }
@@ -325,7 +336,14 @@ fn run_loop(
                 for i in touched.drain(..) {
                     flush(&mut pairs[i])?;
                 }
-                Some((start + iv * scheduled as u32).saturating_duration_since(Instant::now()))
+                // mio rounds a timeout up to whole milliseconds: a shorter wait would send
+                // late (and count it as latency), so poll without sleeping instead.
+                let wait = (start + due_at(scheduled)).saturating_duration_since(Instant::now());
+                Some(if wait < Duration::from_millis(1) {
+                    Duration::ZERO
+                } else {
+                    wait
+                })
             }
             _ => Some(Duration::from_millis(50)),
         };
@@ -337,17 +355,17 @@ fn run_loop(
                 let got = receive(p, &mut r, live)?;
                 // tungstenite answers pings on read; the answer may still need a flush.
                 let _ = p.rx.flush();
-                if got > 0 && plan.interval.is_none() && Instant::now() < stop_at {
-                    // Closed loop: refill the window.
-                    let in_flight = p.sent - p.delivered - p.refused.min(p.sent - p.delivered);
-                    for _ in in_flight..plan.window {
-                        send_one(p, &mut buf, &padding, now_us())?;
-                    }
-                    flush(p)?;
+                if got > 0 && plan.rate.is_none() && Instant::now() < stop_at {
+                    refill(p, plan.window, &mut buf, &padding)?;
                 }
             } else {
                 if ev.is_readable() {
+                    let before = p.refused;
                     read_refusals(p, &mut r)?;
+                    // Refused frames leave the window too.
+                    if p.refused > before && plan.rate.is_none() && Instant::now() < stop_at {
+                        refill(p, plan.window, &mut buf, &padding)?;
+                    }
                 }
                 if ev.is_writable() && p.tx_blocked {
                     flush(p)?;
@@ -408,8 +426,7 @@ pub fn run(args: RelayArgs) -> Result<bool, String> {
         let plan = Plan {
             size: args.size,
             window: args.window,
-            interval: (args.rate > 0)
-                .then(|| Duration::from_secs_f64(threads as f64 / args.rate as f64)),
+            rate: (args.rate > 0).then(|| args.rate as f64 / threads as f64),
             duration: Duration::from_secs(args.common.duration),
             grace: Duration::from_secs(args.grace),
         };

@@ -764,12 +764,11 @@ impl WsSession {
             self.close(sock, ctx, me, close_code::GOING_AWAY, "idle timeout");
             return Some(self.finish(ctx, me));
         }
-        if silent >= self.config.release_after
+        // Output still to write (a pong the release found, say) needs a drive; the ping below
+        // must not be skipped for it.
+        let unwritten = silent >= self.config.release_after
             && !self.release_buffers()
-            && self.wpos < self.wbuf.len()
-        {
-            return Some(Next::Wait);
-        }
+            && self.wpos < self.wbuf.len();
         if silent >= self.config.ping_after && !self.ping_sent {
             self.ping_sent = true;
             let mut io = Io {
@@ -786,7 +785,7 @@ impl WsSession {
             // Driving the connection writes it out.
             return Some(Next::Wait);
         }
-        None
+        unwritten.then_some(Next::Wait)
     }
 
     /// Frees what an idle session does not need: tungstenite's context with its read and write
