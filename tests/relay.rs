@@ -620,3 +620,56 @@ fn sessions_release_buffers_when_quiet_without_losing_bytes() {
         }
     }
 }
+
+/// A peer whose last frame and FIN arrive together is gone: the frame is relayed, the server
+/// closes the connection at once (not at the next ping), and frames for that user are stored
+/// from then on rather than written to a socket nobody reads.
+#[test]
+fn a_last_frame_sent_with_the_fin_is_relayed_and_the_peer_is_seen_gone() {
+    use std::io::{Read, Write};
+    use std::net::Shutdown;
+    let s = TestServer::start(|c| {
+        c.ping_after = Duration::from_secs(60);
+        c.ws_idle_timeout = Duration::from_secs(120);
+    });
+    let u = users(&s, 2);
+    let mut a = connect(&s, &u[0], true);
+    let mut b = connect(&s, &u[1], false);
+    sync_devices(&mut a, b.uid, std::slice::from_mut(&mut b));
+    // b's last frame and its FIN, back to back: one readiness event on the server.
+    let mut last = Vec::new();
+    frame::encode(&mut last, b.uid, a.uid, msg_type::TEXT, 9, b"last words");
+    let sock = b.ws.get_mut();
+    sock.write_all(&masked_frame(true, 2, &last)).unwrap();
+    sock.shutdown(Shutdown::Write).unwrap();
+    // (a asked for ACKs: the probes' ACKs come first.)
+    loop {
+        let f = a.frame();
+        if f == last {
+            break;
+        }
+        assert_eq!(
+            Frame::parse(&f).unwrap().msg_type(),
+            msg_type::ACK,
+            "only ACKs before it"
+        );
+    }
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    match sock.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the server did not close the half-closed connection: {e}"),
+    }
+    // b has no live device now: a frame for b is stored.
+    let stored = common::wait_until(Duration::from_secs(5), || {
+        a.send(b.uid, 0, 10, b"later");
+        let (t, data) = a.server_frame();
+        assert_eq!(t, msg_type::ACK);
+        data[0] == ack_status::STORED
+    });
+    assert!(
+        stored,
+        "frames for a departed peer are still written to its socket"
+    );
+}

@@ -55,34 +55,51 @@ enum Phase {
     WebSocket(Box<WsSession>),
 }
 
-/// The socket as a WebSocket session reads it: no read syscall once the socket is known to be
-/// drained. The poller is edge-triggered and signals every arrival of new data, so a read that
-/// returned less than asked for (or `WouldBlock`) means nothing more until the next event; a
-/// session driven only because it has output does not pay for a read that would fail.
+/// Reads once, keeping the connection's readiness, for both the HTTP and the WebSocket stage.
+/// The poller is edge-triggered and signals every arrival of new data, so after a read that
+/// returned less than asked for (or `WouldBlock`) nothing more is there until the next event:
+/// no read syscall is made that would only fail, and a connection driven because it has output
+/// does not read at all. Once the peer's FIN has been signalled (`peer_closed`) that edge is
+/// spent, so reading goes on until the 0 that reports it; otherwise a FIN that arrived with the
+/// last data would go unnoticed and frames would be written to a peer that is gone.
+fn read_ready(
+    sock: &mut TcpStream,
+    buf: &mut [u8],
+    readable: &mut bool,
+    peer_closed: bool,
+) -> io::Result<usize> {
+    if !*readable {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    loop {
+        match sock.read(buf) {
+            Ok(n) => {
+                if n == 0 || (n < buf.len() && !peer_closed) {
+                    *readable = false;
+                }
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    *readable = false;
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// The socket as a WebSocket session reads it (see [`read_ready`]).
 struct Readiness<'a> {
     sock: &'a mut TcpStream,
     readable: &'a mut bool,
+    peer_closed: bool,
 }
 
 impl Read for Readiness<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if !*self.readable {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        match self.sock.read(buf) {
-            Ok(n) => {
-                if n < buf.len() {
-                    *self.readable = false;
-                }
-                Ok(n)
-            }
-            Err(e) => {
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    *self.readable = false;
-                }
-                Err(e)
-            }
-        }
+        read_ready(self.sock, buf, self.readable, self.peer_closed)
     }
 }
 
@@ -114,6 +131,8 @@ pub struct Conn {
     /// Close once the output is flushed.
     close_after: bool,
     peer_eof: bool,
+    /// The poller reported the peer's FIN (or an error): read until EOF, see [`read_ready`].
+    peer_closed: bool,
     /// When the first byte of the request now being received arrived.
     request_started: Option<Instant>,
     /// Last read or write progress.
@@ -136,6 +155,7 @@ impl Conn {
             parked: None,
             close_after: false,
             peer_eof: false,
+            peer_closed: false,
             request_started: None,
             last_active: now,
             upgrade: None,
@@ -214,8 +234,9 @@ impl Conn {
     }
 
     /// Records a readiness event.
-    pub fn ready(&mut self, readable: bool, writable: bool) {
+    pub fn ready(&mut self, readable: bool, writable: bool, peer_closed: bool) {
         self.can_read |= readable;
+        self.peer_closed |= peer_closed;
         self.can_write |= writable;
     }
 
@@ -241,6 +262,7 @@ impl Conn {
             let mut sock = Readiness {
                 sock: &mut self.sock,
                 readable: &mut self.can_read,
+                peer_closed: self.peer_closed,
             };
             return ws.drive(&mut sock, ctx, self.reply_to, scratch);
         }
@@ -319,6 +341,7 @@ impl Conn {
                 &mut self.sock,
                 scratch,
                 &mut self.can_read,
+                self.peer_closed,
                 &mut self.peer_eof,
             )? {
                 0 => return Ok(0),
@@ -335,6 +358,7 @@ impl Conn {
                 &mut self.sock,
                 &mut self.rbuf[len..],
                 &mut self.can_read,
+                self.peer_closed,
                 &mut self.peer_eof,
             );
             let n = *r.as_ref().unwrap_or(&0);
@@ -386,6 +410,7 @@ impl Conn {
                 &mut self.sock,
                 scratch,
                 &mut self.can_read,
+                self.peer_closed,
                 &mut self.peer_eof,
             ) {
                 Ok(_) if self.peer_eof => return Next::Close,
@@ -560,22 +585,16 @@ fn read(
     sock: &mut TcpStream,
     buf: &mut [u8],
     can_read: &mut bool,
+    peer_closed: bool,
     eof: &mut bool,
 ) -> io::Result<usize> {
-    loop {
-        match sock.read(buf) {
-            Ok(0) => {
-                *eof = true;
-                *can_read = false;
-                return Ok(0);
-            }
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                *can_read = false;
-                return Ok(0);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+    match read_ready(sock, buf, can_read, peer_closed) {
+        Ok(0) => {
+            *eof = true;
+            Ok(0)
         }
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        Err(e) => Err(e),
     }
 }

@@ -127,6 +127,7 @@ impl Worker {
                             conn.ready(
                                 event.is_readable() || event.is_read_closed() || event.is_error(),
                                 event.is_writable() || event.is_write_closed() || event.is_error(),
+                                event.is_read_closed() || event.is_error(),
                             );
                             self.drive(key);
                         }
@@ -926,7 +927,7 @@ impl Worker {
             // Read what has arrived, so a request already sent counts as in flight. Its
             // readiness event may still be queued in the poller, so try the read regardless.
             if let Some(conn) = self.conns.get_mut(key) {
-                conn.ready(true, true);
+                conn.ready(true, true, false);
             }
             self.drive(key);
             let idle = self
