@@ -154,7 +154,7 @@ fn other_worker(c: &mut Criterion) {
                         sessions.devices[ka].session.on_frame(f.clone(), &ctx, me_a);
                         settle(&ctx, &mut relay, &mut sessions, &mut settled);
                     }
-                    tx.send(std::mem::take(&mut settled.outbox[wb])).unwrap();
+                    tx.send(std::mem::take(&mut relay.outbox[wb])).unwrap();
                     done += n;
                 }
                 while received.load(Ordering::Acquire) < goal {

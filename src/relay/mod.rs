@@ -242,6 +242,27 @@ impl Relay {
         self.users.entry(uid).or_insert_with(UserState::new)
     }
 
+    /// A frame a session of worker `me` accepted for `target`: handed back if `me` owns the
+    /// target (deliver it here), otherwise put in the batch for the target's owner.
+    pub fn route(
+        &mut self,
+        me: usize,
+        target: u64,
+        frame: Bytes,
+        sender: SenderRef,
+    ) -> Option<(Bytes, SenderRef)> {
+        let owner = owner(target, self.outbox.len());
+        if owner == me {
+            return Some((frame, sender));
+        }
+        self.outbox[owner].push(RelayMsg::Deliver {
+            target,
+            frame,
+            sender,
+        });
+        None
+    }
+
     pub fn forget_if_idle(&mut self, uid: u64) {
         if self.users.get(&uid).is_some_and(UserState::forgettable) {
             self.users.remove(&uid);

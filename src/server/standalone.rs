@@ -13,7 +13,7 @@ use crate::api::{Api, ApiConfig};
 use crate::auth::{AuthConfig, AuthPool};
 use crate::config::Config;
 use crate::conn::{Next, ReplyTo};
-use crate::relay::{self, Devices, Effect, Mode, Relay, RelayMsg, Routed};
+use crate::relay::{self, Devices, Effect, Mode, Relay, Routed};
 use crate::store::writer::commit_direct;
 use crate::store::{NewUser, Store, WriteOp, WriteOutcome, Writer, WriterConfig};
 use crate::ws::{MemStream, Out, WsSession};
@@ -180,8 +180,6 @@ impl Devices for Sessions {
 /// What [`settle`] did with the effects.
 #[derive(Default)]
 pub struct Settled {
-    /// Frames for users of other workers, per worker (what the worker sends in one batch).
-    pub outbox: Vec<Vec<RelayMsg>>,
     /// Frames that would go to the offline queue, in order.
     pub spilled: Vec<Bytes>,
     /// Sessions that got output.
@@ -189,9 +187,9 @@ pub struct Settled {
 }
 
 /// Runs the effects the sessions asked for, as a worker's loop does: frames for this worker's
-/// users go to their devices, frames for others to the outbox, server frames to their session.
+/// users go to their devices, frames for others to `relay.outbox`, server frames to their
+/// session.
 pub fn settle(ctx: &WorkerCtx, relay: &mut Relay, sessions: &mut Sessions, out: &mut Settled) {
-    out.outbox.resize_with(ctx.workers, Vec::new);
     loop {
         let effects = ctx.take_effects();
         if effects.is_empty() {
@@ -204,14 +202,7 @@ pub fn settle(ctx: &WorkerCtx, relay: &mut Relay, sessions: &mut Sessions, out: 
                     frame,
                     sender,
                 } => {
-                    let owner = relay::owner(target, ctx.workers);
-                    if owner != ctx.id {
-                        out.outbox[owner].push(RelayMsg::Deliver {
-                            target,
-                            frame,
-                            sender,
-                        });
-                    } else {
+                    if let Some((frame, sender)) = relay.route(ctx.id, target, frame, sender) {
                         deliver(ctx, relay, sessions, out, target, frame, Some(sender));
                     }
                 }

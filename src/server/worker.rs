@@ -823,15 +823,10 @@ impl Worker {
                         frame,
                         sender,
                     } => {
-                        let owner = relay::owner(target, self.ctx.workers);
-                        if owner == self.ctx.id {
+                        if let Some((frame, sender)) =
+                            self.relay.route(self.ctx.id, target, frame, sender)
+                        {
                             self.deliver(target, frame, Some(sender));
-                        } else {
-                            self.relay.outbox[owner].push(RelayMsg::Deliver {
-                                target,
-                                frame,
-                                sender,
-                            });
                         }
                     }
                     Effect::ServerFrame { to, frame } => self.server_frame(to, frame),
