@@ -262,7 +262,7 @@ fuzz_target!(|data: &[u8]| {
     let mut now = 0;
     // Chunks of 4 bytes are operations; a chunk starting with 0xFF ends a batch.
     let mut batch = Vec::new();
-    let mut flush = |batch: &mut Vec<(Op, u64)>, model: &mut Model| {
+    let flush = |batch: &mut Vec<(Op, u64)>, model: &mut Model| {
         let ops: Vec<WriteOp> = batch.iter().map(|(op, t)| to_write(op, *t)).collect();
         let got = commit_direct(&store, &ops);
         for ((op, t), got) in batch.drain(..).zip(got) {
@@ -279,7 +279,6 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     flush(&mut batch, &mut model);
-    drop(flush);
     store.close();
     let _ = std::fs::remove_dir_all(&dir);
 });
