@@ -146,9 +146,12 @@ impl WorkerCtx {
         id
     }
 
-    /// The relay work connections asked for since the last call, in order.
-    pub fn take_effects(&self) -> Vec<Effect> {
-        std::mem::take(&mut *self.effects.borrow_mut())
+    /// Swaps the relay work connections asked for since the last call (in order) into `buf`,
+    /// which must be empty; the two buffers trade places, so neither is allocated again once
+    /// both have grown to a wakeup's worth.
+    pub fn swap_effects(&self, buf: &mut Vec<Effect>) {
+        debug_assert!(buf.is_empty());
+        std::mem::swap(&mut *self.effects.borrow_mut(), buf);
     }
 
     /// Whether `uid` is a registered user. Users are never deleted, so positive answers are

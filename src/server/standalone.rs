@@ -184,18 +184,21 @@ pub struct Settled {
     pub spilled: Vec<Bytes>,
     /// Sessions that got output.
     pub dirty: Vec<usize>,
+    /// The effects being run (kept for its capacity).
+    effects: Vec<Effect>,
 }
 
 /// Runs the effects the sessions asked for, as a worker's loop does: frames for this worker's
 /// users go to their devices, frames for others to `relay.outbox`, server frames to their
 /// session.
 pub fn settle(ctx: &WorkerCtx, relay: &mut Relay, sessions: &mut Sessions, out: &mut Settled) {
+    let mut effects = std::mem::take(&mut out.effects);
     loop {
-        let effects = ctx.take_effects();
+        ctx.swap_effects(&mut effects);
         if effects.is_empty() {
-            return;
+            break;
         }
-        for e in effects {
+        for e in effects.drain(..) {
             match e {
                 Effect::Deliver {
                     target,
@@ -220,6 +223,7 @@ pub fn settle(ctx: &WorkerCtx, relay: &mut Relay, sessions: &mut Sessions, out: 
             }
         }
     }
+    out.effects = effects;
 }
 
 /// A frame for `target` on its owner: [`Relay::deliver`], as the worker calls it.

@@ -62,6 +62,8 @@ pub(super) struct Worker {
     yielded: Vec<usize>,
     /// Connections with new output to write before the next poll.
     dirty: Vec<usize>,
+    /// The relay effects being run (kept for its capacity, see [`WorkerCtx::swap_effects`]).
+    effects: Vec<Effect>,
     sweep_every: Duration,
     last_full_log: Option<Instant>,
 }
@@ -95,6 +97,7 @@ impl Worker {
             next_gen: 0,
             yielded: Vec::new(),
             dirty: Vec::new(),
+            effects: Vec::new(),
             sweep_every,
             last_full_log: None,
         })
@@ -811,12 +814,13 @@ impl Worker {
 
     /// Runs the relay work connections asked for, until none is left.
     fn settle_effects(&mut self) {
+        let mut effects = std::mem::take(&mut self.effects);
         loop {
-            let effects = self.ctx.take_effects();
+            self.ctx.swap_effects(&mut effects);
             if effects.is_empty() {
                 break;
             }
-            for e in effects {
+            for e in effects.drain(..) {
                 match e {
                     Effect::Deliver {
                         target,
@@ -843,6 +847,7 @@ impl Worker {
                 }
             }
         }
+        self.effects = effects;
     }
 
     /// Effects, then writes to every connection that got output, until nothing changes; then
