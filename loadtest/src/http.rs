@@ -96,51 +96,22 @@ pub fn run(args: HttpArgs) -> Result<bool, String> {
         return Err("--connections and --pipeline must be at least 1".into());
     }
     let mix = parse_mix(&args.mix)?;
-    let target = args.common.target;
-    setup::account(target, "load_student", 1)?;
-    // The token for /show_teachers belongs to an account the run never logs in to: logins
-    // issue tokens, and past 16 per user the oldest (this one) would be revoked.
-    let (_, token) = setup::account(target, "load_teacher", 2)?;
-    let requests = Arc::new(Requests::new(&token, target));
-
-    let live = Arc::new(Live::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(args.common.duration);
-    let per_conn_interval = (args.rate > 0)
+    let interval = (args.rate > 0)
         .then(|| Duration::from_secs_f64(args.connections as f64 / args.rate as f64));
-    let workers: Vec<_> = (0..args.connections)
-        .map(|i| {
-            let mix = mix.clone();
-            let live = live.clone();
-            let requests = requests.clone();
-            let pipeline = args.pipeline;
-            std::thread::spawn(move || {
-                // Spread the open-loop schedules so connections do not fire in lockstep.
-                let offset = per_conn_interval
-                    .map(|iv| iv.mul_f64(i as f64 / args.connections as f64))
-                    .unwrap_or_default();
-                connection(
-                    target,
-                    &mix,
-                    &requests,
-                    &live,
-                    deadline,
-                    per_conn_interval,
-                    offset,
-                    pipeline,
-                    i as u64,
-                )
-            })
+    let plans = (0..args.connections)
+        .map(|i| ConnPlan {
+            mix: mix.clone(),
+            interval,
+            // Spread the open-loop schedules so connections do not fire in lockstep.
+            offset: interval
+                .map(|iv| iv.mul_f64(i as f64 / args.connections as f64))
+                .unwrap_or_default(),
+            pipeline: args.pipeline,
+            seed: i as u64,
         })
         .collect();
-    let ticker = report::progress(live.clone(), stop.clone(), "req");
-    let (series, failures) = join_connections(workers);
-    stop.store(true, Ordering::Relaxed);
-    let _ = ticker.join();
-    let elapsed = start.elapsed();
-    let rows = report::table(&series, elapsed);
-    let errors: u64 = series.values().map(|s| s.errors).sum();
+    let out = drive(&args.common, plans)?;
+    let clean = out.clean();
     if let Some(path) = &args.common.json {
         report::write_json(
             path,
@@ -150,19 +121,80 @@ pub fn run(args: HttpArgs) -> Result<bool, String> {
                 rate: args.rate,
                 pipeline: args.pipeline,
                 mix: args.mix.clone(),
-                seconds: elapsed.as_secs_f64(),
-                rows,
+                seconds: out.elapsed.as_secs_f64(),
+                rows: out.rows,
             },
         )?;
     }
-    Ok(errors == 0 && failures == 0)
+    Ok(clean)
+}
+
+/// One connection of an HTTP scenario.
+pub(crate) struct ConnPlan {
+    pub mix: Vec<(Endpoint, u32)>,
+    /// Open loop: one request due every `interval`, the first at `offset`; closed loop: `None`.
+    pub interval: Option<Duration>,
+    pub offset: Duration,
+    /// Requests written back to back before the answers are read (closed loop only).
+    pub pipeline: usize,
+    /// Seeds the endpoint choice.
+    pub seed: u64,
+}
+
+/// What an HTTP scenario measured.
+pub(crate) struct Outcome {
+    pub rows: Vec<report::Row>,
+    pub elapsed: Duration,
+    /// Answers other than 200.
+    pub errors: u64,
+    /// Connections that failed (connect, I/O, a closed connection).
+    pub failures: usize,
+}
+
+impl Outcome {
+    pub fn clean(&self) -> bool {
+        self.errors == 0 && self.failures == 0
+    }
+}
+
+/// Creates the accounts the requests use, then runs one thread per planned connection for
+/// `--duration` seconds, printing progress every second and the table at the end.
+pub(crate) fn drive(common: &Common, plans: Vec<ConnPlan>) -> Result<Outcome, String> {
+    let target = common.target;
+    setup::account(target, "load_student", 1)?;
+    // The token for /show_teachers belongs to an account the run never logs in to: logins
+    // issue tokens, and past 16 per user the oldest (this one) would be revoked.
+    let (_, token) = setup::account(target, "load_teacher", 2)?;
+    let requests = Arc::new(Requests::new(&token, target));
+    let live = Arc::new(Live::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(common.duration);
+    let threads: Vec<_> = plans
+        .into_iter()
+        .map(|plan| {
+            let (requests, live) = (requests.clone(), live.clone());
+            std::thread::spawn(move || connection(target, &plan, &requests, &live, deadline))
+        })
+        .collect();
+    let ticker = report::progress(live.clone(), stop.clone(), "req");
+    let (series, failures) = join_connections(threads);
+    stop.store(true, Ordering::Relaxed);
+    let _ = ticker.join();
+    let elapsed = start.elapsed();
+    Ok(Outcome {
+        rows: report::table(&series, elapsed),
+        elapsed,
+        errors: series.values().map(|s| s.errors).sum(),
+        failures,
+    })
 }
 
 /// Results of one connection thread, by endpoint.
-pub(crate) type ConnResult = Result<BTreeMap<&'static str, Series>, String>;
+type ConnResult = Result<BTreeMap<&'static str, Series>, String>;
 
 /// Waits for the connection threads; merges their results per endpoint and counts the failed.
-pub(crate) fn join_connections(
+fn join_connections(
     threads: Vec<std::thread::JoinHandle<ConnResult>>,
 ) -> (BTreeMap<String, Series>, usize) {
     let mut series: BTreeMap<String, Series> = BTreeMap::new();
@@ -184,7 +216,7 @@ pub(crate) fn join_connections(
 }
 
 /// The request bytes of each endpoint, built once.
-pub(crate) struct Requests {
+struct Requests {
     check: Vec<u8>,
     login: Vec<u8>,
     teachers: Vec<u8>,
@@ -192,7 +224,7 @@ pub(crate) struct Requests {
 }
 
 impl Requests {
-    pub(crate) fn new(token: &str, host: std::net::SocketAddr) -> Requests {
+    fn new(token: &str, host: std::net::SocketAddr) -> Requests {
         let get =
             |path: String| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes();
         Requests {
@@ -240,18 +272,20 @@ impl Rng {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn connection(
+fn connection(
     target: std::net::SocketAddr,
-    mix: &[(Endpoint, u32)],
+    plan: &ConnPlan,
     requests: &Requests,
     live: &Live,
     deadline: Instant,
-    interval: Option<Duration>,
-    offset: Duration,
-    pipeline: usize,
-    seed: u64,
 ) -> ConnResult {
+    let ConnPlan {
+        ref mix,
+        interval,
+        offset,
+        pipeline,
+        seed,
+    } = *plan;
     let mut sock = TcpStream::connect(target).map_err(|e| e.to_string())?;
     sock.set_nodelay(true).map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(Duration::from_secs(30)))

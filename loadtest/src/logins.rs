@@ -2,16 +2,14 @@
 //! server's password pool) next to a steady open-loop stream of `/check_user_exists`, whose
 //! latency shows whether the flood stalls cheap requests.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Args;
 use serde::Serialize;
 
-use crate::http::{Requests, connection, join_connections, parse_mix};
-use crate::report::{self, Live};
-use crate::{Common, check_loopback, setup};
+use crate::http::{ConnPlan, drive, parse_mix};
+use crate::report;
+use crate::{Common, check_loopback};
 
 #[derive(Args)]
 pub struct LoginsArgs {
@@ -44,47 +42,28 @@ pub fn run(args: LoginsArgs) -> Result<bool, String> {
     if args.flood == 0 || args.probes == 0 || args.probe_rate == 0 {
         return Err("--flood, --probes and --probe-rate must be at least 1".into());
     }
-    setup::account(target, "load_student", 1)?;
-    let (_, token) = setup::account(target, "load_teacher", 2)?;
-    let requests = Arc::new(Requests::new(&token, target));
-    let live = Arc::new(Live::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(args.common.duration);
     let interval = Duration::from_secs_f64(args.probes as f64 / args.probe_rate as f64);
-    let mut threads = Vec::new();
-    for i in 0..args.flood + args.probes {
-        let (requests, live) = (requests.clone(), live.clone());
-        let probe = i >= args.flood;
-        let mix = parse_mix(if probe { "check=1" } else { "login=1" })?;
-        let offset = interval.mul_f64((i % args.probes.max(1)) as f64 / args.probes as f64);
-        threads.push(std::thread::spawn(move || {
-            connection(
-                target,
-                &mix,
-                &requests,
-                &live,
-                deadline,
-                probe.then_some(interval),
-                offset,
-                1,
-                i as u64 + 1,
-            )
-        }));
-    }
-    let ticker = report::progress(live.clone(), stop.clone(), "req");
-    let (series, failures) = join_connections(threads);
-    stop.store(true, Ordering::Relaxed);
-    let _ = ticker.join();
-    let elapsed = start.elapsed();
-    let rows = report::table(&series, elapsed);
+    let plans = (0..args.flood + args.probes)
+        .map(|i| {
+            let probe = i >= args.flood;
+            Ok(ConnPlan {
+                mix: parse_mix(if probe { "check=1" } else { "login=1" })?,
+                interval: probe.then_some(interval),
+                offset: interval.mul_f64((i % args.probes) as f64 / args.probes as f64),
+                pipeline: 1,
+                seed: i as u64 + 1,
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    let out = drive(&args.common, plans)?;
+    let clean = out.clean();
+    let rows = out.rows;
     if let Some(check) = rows.iter().find(|r| r.label == "check") {
         println!(
             "check_user_exists p99 during the login flood: {:.3} ms",
             check.p99_us as f64 / 1000.0
         );
     }
-    let errors: u64 = series.values().map(|s| s.errors).sum();
     if let Some(path) = &args.common.json {
         report::write_json(
             path,
@@ -93,10 +72,10 @@ pub fn run(args: LoginsArgs) -> Result<bool, String> {
                 flood: args.flood,
                 probes: args.probes,
                 probe_rate: args.probe_rate,
-                seconds: elapsed.as_secs_f64(),
+                seconds: out.elapsed.as_secs_f64(),
                 rows,
             },
         )?;
     }
-    Ok(errors == 0 && failures == 0)
+    Ok(clean)
 }
