@@ -73,6 +73,10 @@ pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 64 << 20;
 /// Unsent bytes queued for one WebSocket connection before it is treated as a slow consumer:
 /// its frames go to the offline queue and it is closed with 1013.
 pub const DEFAULT_SLOW_CONSUMER_BYTES: usize = 4 << 20;
+/// How long a worker waits for room in a full writer queue to store a frame only the server
+/// holds (given back by a closing connection, or held behind a drain) before giving it up
+/// with an error; a fresh frame is refused at once instead (its sender can retry).
+pub const DEFAULT_SPILL_WAIT: Duration = Duration::from_secs(10);
 /// A WebSocket connection silent this long is pinged...
 pub const DEFAULT_PING_AFTER: Duration = Duration::from_secs(30);
 /// ...and closed when nothing at all arrives for this long.
@@ -117,6 +121,7 @@ pub struct Config {
     pub queue_max_frames: u64,
     pub queue_max_bytes: u64,
     pub slow_consumer_bytes: usize,
+    pub spill_wait: Duration,
     pub ping_after: Duration,
     pub ws_idle_timeout: Duration,
     pub ws_release_after: Duration,
@@ -165,6 +170,7 @@ impl Default for Config {
             queue_max_frames: DEFAULT_QUEUE_MAX_FRAMES,
             queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
             slow_consumer_bytes: DEFAULT_SLOW_CONSUMER_BYTES,
+            spill_wait: DEFAULT_SPILL_WAIT,
             ping_after: DEFAULT_PING_AFTER,
             ws_idle_timeout: DEFAULT_WS_IDLE_TIMEOUT,
             ws_release_after: DEFAULT_WS_RELEASE_AFTER,

@@ -115,6 +115,9 @@ struct Cli {
     /// stored.
     #[arg(long, default_value_t = config::DEFAULT_SLOW_CONSUMER_BYTES)]
     slow_consumer_bytes: usize,
+    /// Wait this long for room in a full writer queue to store a frame only the server holds.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    spill_wait: Duration,
     /// Ping a WebSocket connection silent this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     ping_after: Duration,
@@ -162,6 +165,7 @@ impl Cli {
             queue_max_frames: self.queue_max_frames,
             queue_max_bytes: self.queue_max_bytes,
             slow_consumer_bytes: self.slow_consumer_bytes,
+            spill_wait: self.spill_wait,
             ping_after: self.ping_after,
             ws_idle_timeout: self.ws_idle_timeout,
             ws_release_after: self.ws_release_after,

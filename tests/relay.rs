@@ -673,3 +673,325 @@ fn a_last_frame_sent_with_the_fin_is_relayed_and_the_peer_is_seen_gone() {
         "frames for a departed peer are still written to its socket"
     );
 }
+
+/// HARD-PARTS 8 and 9 together: a target is reset (RST) while frames wait unsent in its
+/// outbound queue and its sender keeps sending, then reconnects while the sender still sends.
+/// The frames it gave back must be stored ahead of every later frame for it, on whichever
+/// worker the sender sits: what the new session reads is in order, and every frame
+/// acknowledged as stored arrives. (Frames acknowledged as delivered may die with the reset
+/// socket's kernel buffer: delivered means handed to the kernel.)
+#[test]
+fn a_target_reset_with_unsent_frames_gets_them_ahead_of_later_ones() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const FRAMES: u64 = 1500;
+    const ROUNDS: usize = 8;
+    let s = TestServer::start(|c| {
+        c.rate_per_sec = 1_000_000;
+        c.rate_burst = 1_000_000;
+    });
+    // u1 is on worker 1, u2 on worker 0, u3 on worker 1: the sender u1 reaches u2 across
+    // workers and u3 on its own worker.
+    let u = users(&s, 3);
+    for round in 0..ROUNDS {
+        let sender_user = u[0].clone();
+        let target = u[1 + round % 2].clone();
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4 * 1024).unwrap();
+        sock.connect(&s.addr.into()).unwrap();
+        let mut t = WsClient::connect_with(sock.into(), s.addr, target.0, &target.1, false);
+        let mut a = connect(&s, &sender_user, true);
+        sync_devices(&mut a, target.0, std::slice::from_mut(&mut t));
+        // The probes' ACKs.
+        a.set_timeout(Duration::from_millis(200));
+        while let Got::Frame(_) = a.next() {}
+        a.set_timeout(common::ANSWER_TIMEOUT);
+        let sent = Arc::new(AtomicU64::new(0));
+        let sender = {
+            let sent = sent.clone();
+            let target = target.0;
+            std::thread::spawn(move || {
+                let payload = vec![round as u8; 1024];
+                for ts in 1..=FRAMES {
+                    a.send(target, 0, ts, &payload);
+                    sent.store(ts, Ordering::SeqCst);
+                }
+                let mut stored = Vec::new();
+                for _ in 0..FRAMES {
+                    let (kind, data) = a.server_frame();
+                    assert_eq!(kind, msg_type::ACK, "every frame is accepted");
+                    if data[0] == ack_status::STORED {
+                        stored.push(u64::from_be_bytes(data[1..9].try_into().unwrap()));
+                    }
+                }
+                stored
+            })
+        };
+        let wait_sent = |n: u64| {
+            assert!(
+                common::wait_until(common::ANSWER_TIMEOUT, || sent.load(Ordering::SeqCst) >= n),
+                "the sender stalled"
+            );
+        };
+        // A third of the way in, t has a full socket and a queue of unsent frames: reset it.
+        wait_sent(FRAMES / 3);
+        let raw = t.ws.get_mut();
+        socket2::SockRef::from(&*raw)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(t);
+        wait_sent(FRAMES * 2 / 3);
+        let mut t = connect(&s, &target, false);
+        let mut got = Vec::new();
+        while got.last() != Some(&FRAMES) {
+            let f = t.frame();
+            let f = Frame::parse(&f).unwrap();
+            assert_eq!(f.uid(), sender_user.0);
+            got.push(f.timestamp());
+        }
+        let stored = sender.join().unwrap();
+        let out_of_order = got.windows(2).find(|w| w[0] >= w[1]);
+        assert!(
+            out_of_order.is_none(),
+            "round {round}: the new session read {} frames, out of order at {out_of_order:?}",
+            got.len()
+        );
+        let missing: Vec<u64> = stored
+            .iter()
+            .filter(|ts| got.binary_search(ts).is_err())
+            .copied()
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: {} frames acknowledged as stored never arrived, first {:?}",
+            missing.len(),
+            missing.first()
+        );
+        drop(t);
+    }
+}
+
+/// HARD-PARTS 11 at the edge: a token revoked after its upgrade request was accepted but
+/// before the connection joined the relay (its 101 still waiting behind earlier pipelined
+/// answers the client has not read) must not leave a live WebSocket behind.
+#[test]
+fn a_token_revoked_while_its_101_waits_still_closes_the_websocket() {
+    use std::io::{Read, Write};
+    let s = TestServer::start(|c| c.max_pending_output = 64 << 20);
+    // 100 teachers make each /show_teachers answer about 12 KB; 700 of them (8 MB) are more
+    // than the kernel's socket buffers hold (about 3 MB here), so the 101 behind them waits.
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let addr = s.addr;
+            std::thread::spawn(move || {
+                let mut c = common::Client::connect(addr);
+                for i in 0..25 {
+                    register(&mut c, &format!("teacher{t}_{i}"), 2, "secret1");
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let mut c = s.client();
+    let u = users(&s, 1);
+    let token = &u[0].1;
+    // A client with a small receive window: the answers pile up on the server.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4 * 1024).unwrap();
+    sock.connect(&s.addr.into()).unwrap();
+    let mut raw: std::net::TcpStream = sock.into();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    const ANSWERS: usize = 700;
+    let mut reqs = String::new();
+    for _ in 0..ANSWERS {
+        reqs.push_str(&format!(
+            "GET /show_teachers?token={token} HTTP/1.1\r\nHost: t\r\n\r\n"
+        ));
+    }
+    reqs.push_str(&format!(
+        "GET /wsconn?token={token} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    ));
+    raw.write_all(reqs.as_bytes()).unwrap();
+    // The requests arrive in one read and are parsed before the first answer byte is
+    // written: once a byte is here, the upgrade was accepted.
+    let mut first = [0u8; 1];
+    raw.read_exact(&mut first).unwrap();
+    let r = c.get(&format!("/logout?token={token}"));
+    assert_eq!(r.json()["success"], true);
+    // Now read everything: the answers, the 101, and then the WebSocket's close.
+    let mut got = first.to_vec();
+    let mut buf = vec![0u8; 64 * 1024];
+    let ws_start = loop {
+        if let Some(at) = memchr::memmem::find(&got, b"HTTP/1.1 101")
+            && let Some(end) = memchr::memmem::find(&got[at..], b"\r\n\r\n")
+        {
+            break at + end + 4;
+        }
+        let n = raw.read(&mut buf).expect("answers and the 101");
+        assert!(n > 0, "closed before the 101");
+        got.extend_from_slice(&buf[..n]);
+    };
+    assert_eq!(
+        memchr::memmem::find_iter(&got[..ws_start], b"HTTP/1.1 200").count(),
+        ANSWERS
+    );
+    while got.len() < ws_start + 4 {
+        match raw.read(&mut buf) {
+            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!("the WebSocket of a revoked token stayed open ({other:?})"),
+        }
+    }
+    let ws = &got[ws_start..];
+    assert_eq!(ws[0], 0x88, "a close frame");
+    assert_eq!(u16::from_be_bytes([ws[2], ws[3]]), 1008);
+}
+
+/// A device dies holding unsent frames while another device of the same user stays: the one
+/// that stays connected after them (so never had them), or the newer device that replaced it
+/// (`max_devices` 1). The frames it gave back are stored, and the device that stays gets them
+/// through a drain, ahead of every later frame, instead of their waiting in the queue,
+/// overtaken, until the user reconnects.
+#[test]
+fn frames_given_back_while_another_device_stays_reach_it_in_order() {
+    const K: u64 = 6000;
+    const PROBE: u64 = 1_000_000;
+    for replace in [false, true] {
+        let s = TestServer::start(|c| {
+            c.rate_per_sec = 1_000_000;
+            c.rate_burst = 1_000_000;
+            c.slow_consumer_bytes = 64 << 20;
+            if replace {
+                c.max_devices = 1;
+            }
+        });
+        // u1 sends to u2; u4 shares u2's owner worker (uid % 2), so a frame reaching u4 shows
+        // that everything u1 sent before it has reached u2's devices.
+        let u = users(&s, 4);
+        let (target, witness) = (&u[1], &u[3]);
+        let mut a = connect(&s, &u[0], true);
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4 * 1024).unwrap();
+        sock.connect(&s.addr.into()).unwrap();
+        let mut d1 = WsClient::connect_with(sock.into(), s.addr, target.0, &target.1, false);
+        let mut w = connect(&s, witness, false);
+        sync_devices(&mut a, target.0, std::slice::from_mut(&mut d1));
+        sync_devices(&mut a, witness.0, std::slice::from_mut(&mut w));
+        // More than the kernel's buffers hold: d1 keeps megabytes unsent.
+        let payload = vec![5u8; 1024];
+        for ts in 1..=K {
+            a.send(target.0, 0, ts, &payload);
+        }
+        let mark = a.send(witness.0, 0, PROBE - 1, b"after them");
+        loop {
+            if w.frame() == mark {
+                break;
+            }
+        }
+        let mut d2 = connect(&s, target, false);
+        if replace {
+            // d2's arrival closed d1 (1008), which gave its unsent frames back.
+        } else {
+            sync_devices(&mut a, target.0, std::slice::from_mut(&mut d2));
+            socket2::SockRef::from(&*d1.ws.get_mut())
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(d1);
+        }
+        a.send(target.0, 0, K + 1, &payload);
+        let mut got = Vec::new();
+        while got.last() != Some(&(K + 1)) {
+            let ts = Frame::parse(&d2.frame()).unwrap().timestamp();
+            if ts < PROBE - 1 {
+                got.push(ts);
+            }
+        }
+        let mut stored = Vec::new();
+        let mut acked = std::collections::HashSet::new();
+        while (1..=K + 1).any(|ts| !acked.contains(&ts)) {
+            let (kind, data) = a.server_frame();
+            assert_eq!(kind, msg_type::ACK);
+            let ts = u64::from_be_bytes(data[1..9].try_into().unwrap());
+            acked.insert(ts);
+            if data[0] == ack_status::STORED && ts <= K + 1 {
+                stored.push(ts);
+            }
+        }
+        assert!(
+            !stored.is_empty(),
+            "replace {replace}: nothing was given back"
+        );
+        let out_of_order = got.windows(2).find(|w| w[0] >= w[1]);
+        assert!(
+            out_of_order.is_none(),
+            "replace {replace}: {} frames, out of order at {out_of_order:?}",
+            got.len()
+        );
+        let missing = stored
+            .iter()
+            .filter(|ts| got.binary_search(ts).is_err())
+            .count();
+        assert_eq!(
+            missing,
+            0,
+            "replace {replace}: of {} frames stored, {missing} never reached the device that stayed",
+            stored.len()
+        );
+    }
+}
+
+/// A connection that dies with thousands of unsent frames gives them all back at once, more
+/// than the writer's queue holds (`write_queue` 8 here): the worker waits for room rather than
+/// refusing frames only the server still has. Every frame is acknowledged (delivered or
+/// stored, no ERROR), and every stored one reaches the target when it reconnects.
+#[test]
+fn frames_given_back_beyond_the_writer_queue_are_stored_not_refused() {
+    const K: u64 = 6000;
+    let s = TestServer::start(|c| {
+        c.rate_per_sec = 1_000_000;
+        c.rate_burst = 1_000_000;
+        c.slow_consumer_bytes = 64 << 20;
+        c.write_queue = 8;
+    });
+    // u4 shares u2's owner worker: a frame reaching u4 shows that every frame u1 sent
+    // before it is in u2's outbound queue.
+    let u = users(&s, 4);
+    let mut a = connect(&s, &u[0], true);
+    let mut w = connect(&s, &u[3], false);
+    sync_devices(&mut a, u[3].0, std::slice::from_mut(&mut w));
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4 * 1024).unwrap();
+    sock.connect(&s.addr.into()).unwrap();
+    let mut t = WsClient::connect_with(sock.into(), s.addr, u[1].0, &u[1].1, false);
+    sync_devices(&mut a, u[1].0, std::slice::from_mut(&mut t));
+    let payload = vec![9u8; 1024];
+    for ts in 1..=K {
+        a.send(u[1].0, 0, ts, &payload);
+    }
+    let mark = a.send(u[3].0, 0, K + 1, b"after them");
+    while w.frame() != mark {}
+    let mut acked = std::collections::HashMap::new();
+    socket2::SockRef::from(&*t.ws.get_mut())
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(t);
+    while (1..=K).any(|ts| !acked.contains_key(&ts)) {
+        let (kind, data) = a.server_frame();
+        assert_eq!(kind, msg_type::ACK, "refused: {:?}", parse_error(&data));
+        let ts = u64::from_be_bytes(data[1..9].try_into().unwrap());
+        acked.insert(ts, data[0]);
+    }
+    let stored: Vec<u64> = (1..=K)
+        .filter(|ts| acked[ts] == ack_status::STORED)
+        .collect();
+    assert!(
+        stored.len() > 100,
+        "only {} frames were given back",
+        stored.len()
+    );
+    let mut t = connect(&s, &u[1], false);
+    for &ts in &stored {
+        assert_eq!(Frame::parse(&t.frame()).unwrap().timestamp(), ts);
+    }
+}

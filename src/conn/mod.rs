@@ -271,7 +271,13 @@ impl Conn {
             let mut progress = false;
             if self.has_output() && self.can_write {
                 match self.flush() {
-                    Ok(p) => progress |= p,
+                    Ok(p) => {
+                        if p {
+                            // A client reading a long answer slowly is not idle.
+                            self.last_active = ctx.now();
+                        }
+                        progress |= p;
+                    }
                     Err(_) => return Next::Close,
                 }
             }

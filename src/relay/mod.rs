@@ -281,7 +281,8 @@ pub trait Devices {
 
 /// What became of a frame handed to [`Relay::deliver`].
 pub enum Routed {
-    /// In the outbound queue of every live device of the target, or held behind its drain.
+    /// In the outbound queue of every live device of the target, held behind its drain, or
+    /// (every listed device leaving) queued as an [`Effect::Spill`] behind their own spills.
     Done,
     /// No device can take it: append it to the target's offline queue (after everything held
     /// for the target, if `after_held`).
@@ -321,7 +322,14 @@ impl Relay {
                     holders: Cell::new(0),
                 });
                 if fan_out(devices, ctx, &u.conns, &frame, &fan) == 0 {
-                    return append(frame, false);
+                    // Every listed device is leaving: the frames they had not sent are queued
+                    // as effects not run yet, and this later frame must be stored behind them.
+                    ctx.effect(Effect::Spill {
+                        target,
+                        frame,
+                        sender,
+                        tentative: None,
+                    });
                 }
                 Routed::Done
             }

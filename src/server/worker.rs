@@ -343,9 +343,34 @@ impl Worker {
 
     /// A device of `uid` connected on this (its owner) worker.
     fn join(&mut self, uid: u64, key: usize) {
-        let Some(me) = self.conns.get(key).map(Conn::reply_to) else {
+        // A device that left in this wakeup has queued its unsent frames and its departure:
+        // they come first, so this join sees the user as it now is.
+        self.settle_effects();
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        let me = conn.reply_to();
+        // The token was checked when the upgrade request was read; a logout or refresh may
+        // have revoked it since (while the 101 waited behind other answers, or while the
+        // socket was on its way here) and its revocation found no connection to close. A
+        // revocation committed after this read reaches the device through `revoke`.
+        let live = conn.session().is_some_and(|s| {
+            self.ctx
+                .api
+                .store()
+                .read()
+                .and_then(|r| r.token(&s.token_hash))
+                .map(|t| t.is_some_and(|t| t.is_live(crate::api::now_ms())))
+                .unwrap_or_else(|e| {
+                    log::error!("token check of a new WebSocket failed: {e}");
+                    false
+                })
+        });
+        if !live {
+            conn.policy_close(&self.ctx, "token revoked");
+            self.dirty.push(key);
+            return;
+        }
         let max_devices = self.ctx.config.max_devices;
         let oldest = {
             let user = self.relay.user(uid);
@@ -440,7 +465,7 @@ impl Worker {
             if after_held {
                 self.release_held(target);
             }
-            self.append(target, frame, sender, None);
+            self.append(target, frame, sender, None, Custody::Sender);
         }
     }
 
@@ -454,7 +479,7 @@ impl Worker {
             None => return,
         };
         for (frame, sender) in held {
-            self.append(uid, frame, Some(sender), None);
+            self.append(uid, frame, Some(sender), None, Custody::Server);
         }
     }
 
@@ -476,6 +501,7 @@ impl Worker {
         frame: Bytes,
         sender: Option<SenderRef>,
         tentative: Option<u64>,
+        custody: Custody,
     ) {
         if let Some(id) = tentative {
             self.relay.tentatives.insert(
@@ -500,8 +526,27 @@ impl Worker {
             sender: if tentative.is_some() { None } else { sender },
             tentative,
         };
-        match self.ctx.writer.submit(op, JobCtx::Relay(self.ctx.id, job)) {
-            Ok(()) => self.relay.user(target).pending_appends += 1,
+        let ctx = JobCtx::Relay(self.ctx.id, job);
+        let submitted = match custody {
+            Custody::Sender => self.ctx.writer.submit(op, ctx),
+            Custody::Server => self
+                .ctx
+                .writer
+                .submit_wait(op, ctx, self.ctx.config.spill_wait),
+        };
+        match submitted {
+            Ok(()) => {
+                let user = self.relay.user(target);
+                user.pending_appends += 1;
+                if user.mode == Mode::Live && !user.conns.is_empty() {
+                    // Stored while the user still has devices (one left with frames the
+                    // others never had, or a newer device replaced it): those devices get it
+                    // through a drain once it is committed, and later frames wait behind it;
+                    // otherwise it would sit in the queue, overtaken, until a reconnect.
+                    user.mode = Mode::Draining;
+                    user.drain_after_appends = true;
+                }
+            }
             Err(_) => match tentative {
                 Some(id) => self.tentative_update(id, Some(Err(())), None),
                 None => {
@@ -762,7 +807,11 @@ impl Worker {
         }
     }
 
+    /// Runs what other threads sent. Relay effects queued before each message are run first:
+    /// a frame a leaving device gave back must reach the offline queue before a frame that
+    /// arrives after it, and a device must join after its predecessor has left.
     fn completions(&mut self) {
+        self.settle_effects();
         while let Ok(done) = self.inbox.try_recv() {
             match done {
                 Completion::Auth(to, verdict, pending) => {
@@ -787,6 +836,7 @@ impl Worker {
                             RelayMsg::Adopt(a) => self.adopt(*a),
                             RelayMsg::Revoke { uid, token_hash } => self.revoke(uid, token_hash),
                         }
+                        self.settle_effects();
                     }
                 }
             }
@@ -839,7 +889,7 @@ impl Worker {
                         frame,
                         sender,
                         tentative,
-                    } => self.append(target, frame, sender, tentative),
+                    } => self.append(target, frame, sender, tentative, Custody::Server),
                     Effect::Left { uid, conn } => self.left(uid, conn),
                     Effect::Retract { id } => self.tentative_update(id, None, Some(true)),
                     Effect::Keep { id } => self.tentative_update(id, None, Some(false)),
@@ -949,6 +999,16 @@ impl Worker {
             }
         }
     }
+}
+
+/// Who holds a frame that is to be stored, which decides what a full writer queue means.
+#[derive(Clone, Copy)]
+enum Custody {
+    /// Fresh from its sender, who is told to retry if the writer is full.
+    Sender,
+    /// Given back by a leaving device or held behind a drain: the server alone has it, so a
+    /// full writer queue is waited out (up to `--spill-wait`) rather than refused.
+    Server,
 }
 
 /// The worker's connections as the relay sees them; every connection handed a frame is

@@ -4,6 +4,7 @@
 //! is durable.
 
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use heed::RwTxn;
@@ -190,6 +191,24 @@ impl<C: Send + 'static> Writer<C> {
             Ok(()) => Ok(()),
             Err(TrySendError::Full((_, ctx))) | Err(TrySendError::Disconnected((_, ctx))) => {
                 Err(Busy(ctx))
+            }
+        }
+    }
+}
+
+impl<C> Writer<C> {
+    /// Queues one write, waiting up to `timeout` for room when the queue is full: for data
+    /// that would be lost if refused. The writer never waits on its callers, so this only
+    /// waits for commits already queued.
+    pub fn submit_wait(&self, op: WriteOp, ctx: C, timeout: Duration) -> Result<(), Busy<C>> {
+        match self.tx.try_send((op, ctx)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Disconnected((_, ctx))) => Err(Busy(ctx)),
+            Err(TrySendError::Full(item)) => {
+                log::debug!("writer queue full: waiting up to {timeout:?} to store a frame");
+                self.tx
+                    .send_timeout(item, timeout)
+                    .map_err(|e| Busy(e.into_inner().1))
             }
         }
     }

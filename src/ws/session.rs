@@ -521,13 +521,19 @@ impl WsSession {
                 }
                 Err(_) => return Err(()),
             }
+            // A write that fails after earlier ones of this loop went through must still
+            // count those as delivered (below), or the frames would be stored and sent twice.
+            let mut broken = false;
             while self.wpos < self.wbuf.len() {
                 match sock.write(&self.wbuf[self.wpos..]) {
-                    Ok(0) => return Err(()),
+                    Ok(0) => broken = true,
                     Ok(n) => self.wpos += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return Err(()),
+                    Err(_) => broken = true,
+                }
+                if broken {
+                    break;
                 }
             }
             while self
@@ -542,6 +548,9 @@ impl WsSession {
                     ctx.effect(Effect::Retract { id });
                 }
                 self.wrote(out, ctx);
+            }
+            if broken {
+                return Err(());
             }
             if self.wpos == self.wbuf.len() {
                 self.wbuf.clear();
