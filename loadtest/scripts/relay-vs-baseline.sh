@@ -48,6 +48,7 @@ for i in $(seq "$RUNS"); do
             args=(--target 127.0.0.1:5919 --server-pid $baseline --baseline)
         fi
         echo "== run $i: $server"
+        rm -f "$OUT/$server-$i.json"
         if ! taskset -c 1 "$BIN/polyge-load" relay "${args[@]}" --pairs "$PAIRS" \
             --duration "$SECONDS_PER_RUN" --rate "$RATE" --json "$OUT/$server-$i.json" | tail -4
         then
@@ -61,11 +62,24 @@ for task in /proc/$polyge/task/*; do
     printf '  %-16s %s\n' "$(cat "$task/comm")" "$(((f[13] + f[14]) / $(getconf CLK_TCK)))"
 done
 python3 - "$OUT" "$RUNS" <<'PY'
-import json, statistics, sys
+import json, os, statistics, sys
 out, runs = sys.argv[1], int(sys.argv[2])
 med = {}
 for server in ("polyge", "baseline"):
-    rs = [json.load(open(f"{out}/{server}-{i}.json")) for i in range(1, runs + 1)]
+    rs = []
+    for i in range(1, runs + 1):
+        path = f"{out}/{server}-{i}.json"
+        if not os.path.exists(path):
+            print(f"{server} run {i}: no results (the tool failed before writing {path})")
+            continue
+        r = json.load(open(path))
+        if not r["clean"]:
+            print(f"{server} run {i}: NOT CLEAN, left out of the medians: {r['totals']}")
+            continue
+        rs.append(r)
+    if not rs:
+        print(f"{server}: no clean run")
+        continue
     rate = [r["delivered_per_sec"] for r in rs]
     cpu = [r["server_cpu_ns_per_frame"] or 0 for r in rs]
     p99 = [r["latency"][0]["p99_us"] for r in rs]
@@ -74,7 +88,10 @@ for server in ("polyge", "baseline"):
     print(f"{server:9} delivered/s {[round(x) for x in rate]} median {med[server][0]:.0f}; "
           f"CPU ns/frame {[round(x) for x in cpu]} median {med[server][1]:.0f}; "
           f"p50 us {p50} p99 us {p99} (medians {med[server][2]:.0f} / {med[server][3]:.0f})")
-p, b = med["polyge"], med["baseline"]
-print(f"ratio polyge/baseline: delivered {p[0] / b[0]:.2f}x, CPU per frame {b[1] / max(p[1], 1):.2f}x less, "
-      f"p99 {p[3]} vs {b[3]} us")
+if len(med) == 2:
+    p, b = med["polyge"], med["baseline"]
+    print(f"ratio polyge/baseline: delivered {p[0] / b[0]:.2f}x, CPU per frame {b[1] / max(p[1], 1):.2f}x less, "
+          f"p99 {p[3]} vs {b[3]} us")
+else:
+    sys.exit(1)
 PY

@@ -33,6 +33,8 @@ struct Results {
     probes: usize,
     probe_rate: u64,
     seconds: f64,
+    failed_connections: usize,
+    clean: bool,
     rows: Vec<report::Row>,
 }
 
@@ -72,7 +74,9 @@ pub fn run(args: LoginsArgs) -> Result<bool, String> {
                 flood: args.flood,
                 probes: args.probes,
                 probe_rate: args.probe_rate,
-                seconds: out.elapsed.as_secs_f64(),
+                seconds: out.window.as_secs_f64(),
+                failed_connections: out.failures,
+                clean,
                 rows,
             },
         )?;
