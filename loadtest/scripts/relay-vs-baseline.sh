@@ -50,7 +50,7 @@ for i in $(seq "$RUNS"); do
         echo "== run $i: $server"
         rm -f "$OUT/$server-$i.json"
         if ! taskset -c 1 "$BIN/polyge-load" relay "${args[@]}" --pairs "$PAIRS" \
-            --duration "$SECONDS_PER_RUN" --rate "$RATE" --json "$OUT/$server-$i.json" | tail -4
+            --duration "$SECONDS_PER_RUN" --rate "$RATE" --json "$OUT/$server-$i.json" | tail -5
         then
             echo "== run $i: $server FAILED (loss, corruption or an error: see above)"
         fi
@@ -84,10 +84,12 @@ for server in ("polyge", "baseline"):
     cpu = [r["server_cpu_ns_per_frame"] or 0 for r in rs]
     p99 = [r["latency"][0]["p99_us"] for r in rs]
     p50 = [r["latency"][0]["p50_us"] for r in rs]
+    gen = [round(100 * r.get("generator_busy", 0)) for r in rs]
     med[server] = (statistics.median(rate), statistics.median(cpu), statistics.median(p50), statistics.median(p99))
     print(f"{server:9} delivered/s {[round(x) for x in rate]} median {med[server][0]:.0f}; "
           f"CPU ns/frame {[round(x) for x in cpu]} median {med[server][1]:.0f}; "
-          f"p50 us {p50} p99 us {p99} (medians {med[server][2]:.0f} / {med[server][3]:.0f})")
+          f"p50 us {p50} p99 us {p99} (medians {med[server][2]:.0f} / {med[server][3]:.0f}); "
+          f"load generator busy % {gen}")
 if len(med) == 2:
     p, b = med["polyge"], med["baseline"]
     print(f"ratio polyge/baseline: delivered {p[0] / b[0]:.2f}x, CPU per frame {b[1] / max(p[1], 1):.2f}x less, "

@@ -161,6 +161,10 @@ struct Results {
     seconds: f64,
     delivered_per_sec: f64,
     server_cpu_ns_per_frame: Option<f64>,
+    /// The busiest client loop's share of the run spent working rather than waiting in poll
+    /// (an open loop waits by polling without sleeping, so its CPU time says nothing): near 1.0
+    /// the load generator, not the server, limits the rate and adds latency.
+    generator_busy: f64,
     clean: bool,
     totals: Totals,
     latency: Vec<report::Row>,
@@ -321,6 +325,8 @@ struct LoopResult {
     failures: Vec<String>,
     /// The loop itself failed (its poll): the counts are those up to then.
     fatal: Option<String>,
+    /// Share of the loop's run spent outside poll.
+    busy: f64,
 }
 
 struct Plan {
@@ -576,6 +582,7 @@ fn drive_loop(
     r: &mut LoopResult,
 ) -> Result<(), String> {
     let mut events = Events::with_capacity(1024);
+    let mut polling = Duration::ZERO;
     let mut buf = Vec::with_capacity(plan.size);
     let mut data = Vec::with_capacity(plan.size);
     let padding = vec![0x5au8; plan.size - MIN_FRAME - 8];
@@ -647,8 +654,11 @@ fn drive_loop(
             }
             _ => Some(Duration::from_millis(50)),
         };
-        poll.poll(&mut events, timeout)
-            .map_err(|e| format!("poll: {e}"))?;
+        let before = Instant::now();
+        let polled = poll.poll(&mut events, timeout);
+        polling += before.elapsed();
+        r.busy = 1.0 - polling.as_secs_f64() / start.elapsed().as_secs_f64().max(1e-9);
+        polled.map_err(|e| format!("poll: {e}"))?;
         for ev in events.iter() {
             let i = ev.token().0 / 2;
             let p = &mut pairs[i];
@@ -747,12 +757,14 @@ pub fn run(args: RelayArgs) -> Result<bool, String> {
     let mut last_delivery = start;
     let mut failures = Vec::new();
     let mut fatal = Vec::new();
+    let mut generator_busy: f64 = 0.0;
     for l in loops {
         let r = l.join().expect("client loop");
         totals.add(r.totals);
         latency.merge(r.latency);
         last_delivery = last_delivery.max(r.last_delivery.unwrap_or(start));
         failures.extend(r.failures);
+        generator_busy = generator_busy.max(r.busy);
         fatal.extend(r.fatal);
     }
     stop.store(true, Ordering::Relaxed);
@@ -802,6 +814,15 @@ pub fn run(args: RelayArgs) -> Result<bool, String> {
     if let (Some(c), Some(ns)) = (server_cpu, cpu_ns_per_frame) {
         println!("server CPU {c:.2} s = {ns:.0} ns per delivered frame");
     }
+    println!(
+        "load generator busy {:.0}% (its busiest loop, time outside poll){}",
+        generator_busy * 100.0,
+        if generator_busy > 0.9 {
+            ": saturated, so the rate and the latency are partly its own"
+        } else {
+            ""
+        }
+    );
     let ok = totals.clean(args.allow_refused) && fatal.is_empty();
     if let Some(path) = &args.common.json {
         report::write_json(
@@ -816,6 +837,7 @@ pub fn run(args: RelayArgs) -> Result<bool, String> {
                 seconds: sending_time.as_secs_f64(),
                 delivered_per_sec: per_sec,
                 server_cpu_ns_per_frame: cpu_ns_per_frame,
+                generator_busy,
                 clean: ok,
                 totals,
                 latency: rows,
