@@ -28,6 +28,12 @@ fn connect(s: &TestServer, user: &(u64, String), acks: bool) -> WsClient {
 /// Waits until every device is registered with its owner worker (the hand-over after the
 /// upgrade is asynchronous): probes until one probe reaches all of them.
 fn sync_devices(a: &mut WsClient, target: u64, devices: &mut [WsClient]) {
+    sync_devices_seen(a, target, devices);
+}
+
+/// [`sync_devices`], returning the other frames the devices read on the way, in order.
+fn sync_devices_seen(a: &mut WsClient, target: u64, devices: &mut [WsClient]) -> Vec<Vec<u8>> {
+    let mut seen = Vec::new();
     for attempt in 0..100u64 {
         let probe = a.send(target, 0, 1_000_000 + attempt, b"probe");
         let mut all = true;
@@ -36,7 +42,7 @@ fn sync_devices(a: &mut WsClient, target: u64, devices: &mut [WsClient]) {
             let got = loop {
                 match d.next() {
                     Got::Frame(f) if f == probe => break true,
-                    Got::Frame(_) => {}
+                    Got::Frame(f) => seen.push(f),
                     _ => break false,
                 }
             };
@@ -44,7 +50,7 @@ fn sync_devices(a: &mut WsClient, target: u64, devices: &mut [WsClient]) {
             all &= got;
         }
         if all {
-            return;
+            return seen;
         }
     }
     panic!("devices never all registered");
@@ -752,10 +758,20 @@ fn a_target_reset_with_unsent_frames_gets_them_ahead_of_later_ones() {
         }
         let stored = sender.join().unwrap();
         let out_of_order = got.windows(2).find(|w| w[0] >= w[1]);
+        // On failure, the runs of consecutive timestamps say which frames overtook which.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &g in &got {
+            match runs.last_mut() {
+                Some(r) if r.1 + 1 == g => r.1 = g,
+                _ => runs.push((g, g)),
+            }
+        }
         assert!(
             out_of_order.is_none(),
-            "round {round}: the new session read {} frames, out of order at {out_of_order:?}",
-            got.len()
+            "round {round}: the new session read {} frames, out of order at {out_of_order:?}; \
+             runs {runs:?}; {} acknowledged as stored",
+            got.len(),
+            stored.len()
         );
         let missing: Vec<u64> = stored
             .iter()
@@ -848,10 +864,10 @@ fn a_token_revoked_while_its_101_waits_still_closes_the_websocket() {
 }
 
 /// A device dies holding unsent frames while another device of the same user stays: the one
-/// that stays connected after them (so never had them), or the newer device that replaced it
-/// (`max_devices` 1). The frames it gave back are stored, and the device that stays gets them
-/// through a drain, ahead of every later frame, instead of their waiting in the queue,
-/// overtaken, until the user reconnects.
+/// that connected after them (so was never sent them), or the newer device that replaced it
+/// (`max_devices` 1). The device that stays gets every one of them, ahead of every later frame,
+/// with none missing: it takes them over when it joins (and anything stored meanwhile comes
+/// through a drain), instead of their waiting in the queue, overtaken, until a reconnect.
 #[test]
 fn frames_given_back_while_another_device_stays_reach_it_in_order() {
     const K: u64 = 6000;
@@ -890,17 +906,23 @@ fn frames_given_back_while_another_device_stays_reach_it_in_order() {
             }
         }
         let mut d2 = connect(&s, target, false);
+        // What d2 reads while it is being synced (the frames d1 held, taken over at the join).
+        let mut early = Vec::new();
         if replace {
             // d2's arrival closed d1 (1008), which gave its unsent frames back.
         } else {
-            sync_devices(&mut a, target.0, std::slice::from_mut(&mut d2));
+            early = sync_devices_seen(&mut a, target.0, std::slice::from_mut(&mut d2));
             socket2::SockRef::from(&*d1.ws.get_mut())
                 .set_linger(Some(Duration::ZERO))
                 .unwrap();
             drop(d1);
         }
         a.send(target.0, 0, K + 1, &payload);
-        let mut got = Vec::new();
+        let mut got: Vec<u64> = early
+            .iter()
+            .map(|f| Frame::parse(f).unwrap().timestamp())
+            .filter(|&ts| ts < PROBE - 1)
+            .collect();
         while got.last() != Some(&(K + 1)) {
             let ts = Frame::parse(&d2.frame()).unwrap().timestamp();
             if ts < PROBE - 1 {
@@ -918,15 +940,26 @@ fn frames_given_back_while_another_device_stays_reach_it_in_order() {
                 stored.push(ts);
             }
         }
+        // d1 held megabytes unsent when d2 came: d2 got them, then K + 1.
         assert!(
-            !stored.is_empty(),
-            "replace {replace}: nothing was given back"
+            got.len() > 1000,
+            "replace {replace}: only {} frames reached the device that stayed",
+            got.len()
         );
         let out_of_order = got.windows(2).find(|w| w[0] >= w[1]);
         assert!(
             out_of_order.is_none(),
             "replace {replace}: {} frames, out of order at {out_of_order:?}",
             got.len()
+        );
+        // From the first frame d2 got to the last, none is missing.
+        let gaps = got.windows(2).filter(|w| w[1] != w[0] + 1).count();
+        assert_eq!(
+            gaps,
+            0,
+            "replace {replace}: frames missing between {:?} and {:?}",
+            got.first(),
+            got.last()
         );
         let missing = stored
             .iter()

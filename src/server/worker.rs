@@ -371,6 +371,20 @@ impl Worker {
             self.dirty.push(key);
             return;
         }
+        // Frames another device of this user holds and no device has written yet go to the
+        // new device first, in order, so that no later frame can overtake them on it (see
+        // `WsSession::undelivered_live`). Before the device limit below, so a device this one
+        // replaces hands them over instead of spilling them to the queue.
+        let inherited = self.undelivered_of_devices(uid);
+        if !inherited.is_empty()
+            && let Some(conn) = self.conns.get_mut(key)
+        {
+            for (frame, fan) in inherited {
+                fan.holders.set(fan.holders.get() + 1);
+                conn.push_out(Out::Relay { frame, fan }, &self.ctx);
+            }
+            self.dirty.push(key);
+        }
         let max_devices = self.ctx.config.max_devices;
         let oldest = {
             let user = self.relay.user(uid);
@@ -404,6 +418,33 @@ impl Worker {
                 self.want_drain(uid);
             }
         }
+    }
+
+    /// The longest list of live frames one of `uid`'s devices holds unwritten by any device.
+    /// Every device gets every live frame in order, so the device furthest behind holds all of
+    /// them. Only while the user is live: while draining, later frames are held, not fanned out.
+    fn undelivered_of_devices(&self, uid: u64) -> Vec<(Bytes, Rc<FanOut>)> {
+        let Some(user) = self.relay.users.get(&uid) else {
+            return Vec::new();
+        };
+        if user.mode != Mode::Live {
+            return Vec::new();
+        }
+        let mut longest = Vec::new();
+        for &to in &user.conns {
+            if let Some(session) = self
+                .conns
+                .get(to.key)
+                .filter(|c| c.reply_to() == to)
+                .and_then(Conn::session)
+            {
+                let frames = session.undelivered_live();
+                if frames.len() > longest.len() {
+                    longest = frames;
+                }
+            }
+        }
+        longest
     }
 
     /// Starts a drain read unless one is already under way (its answer continues the drain).

@@ -277,6 +277,27 @@ impl WsSession {
         !self.left
     }
 
+    /// The live frames this session holds that no device has written yet, oldest first (the
+    /// one being written included). A device of the same user joining now gets them ahead of
+    /// later frames: otherwise, if this session then ended with them unsent, they would go to
+    /// the offline queue and reach the new device behind frames it already has.
+    pub fn undelivered_live(&self) -> Vec<(Bytes, Rc<FanOut>)> {
+        if self.left {
+            return Vec::new();
+        }
+        self.encoded
+            .iter()
+            .map(|(_, _, out)| out)
+            .chain(self.outq.iter())
+            .filter_map(|out| match out {
+                Out::Relay { frame, fan } if fan.origin == Origin::Live && !fan.delivered.get() => {
+                    Some((frame.clone(), fan.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Queues an outbound item (a relayed frame or a server frame).
     pub fn push(&mut self, out: Out, ctx: &WorkerCtx) {
         if self.left {
