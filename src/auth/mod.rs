@@ -117,18 +117,17 @@ impl<C: Send + 'static> AuthPool<C> {
 /// ~250 MB of RssAnon after a login flood with 2 threads) or, returned to the system, had to be
 /// faulted in again for every hash (a quarter fewer logins per second).
 struct Hasher {
+    /// Hashes new passwords; its parameters size `memory`.
     argon: Argon2<'static>,
-    params: Params,
     memory: Vec<Block>,
 }
 
 impl Hasher {
     fn new(params: Params) -> Hasher {
         Hasher {
-            argon: Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone()),
+            argon: Argon2::new(Algorithm::Argon2id, Version::V0x13, params),
             // Allocated on the first hash, so an idle server does not carry it.
             memory: Vec::new(),
-            params,
         }
     }
 
@@ -140,18 +139,19 @@ impl Hasher {
         memory
     }
 
-    /// A new PHC string for `pwd`, with a fresh random salt.
+    /// A new PHC string for `pwd`, with a fresh random salt (an RNG failure is an error, not
+    /// a panic that would take the pool thread down).
     fn hash(&mut self, pwd: &[u8]) -> Result<String, String> {
-        let salt = argon2::password_hash::generate_salt();
+        let salt = argon2::password_hash::try_generate_salt().map_err(|e| e.to_string())?;
         let mut out = [0u8; Params::DEFAULT_OUTPUT_LEN];
-        let memory = Hasher::memory(&self.params, &mut self.memory);
+        let memory = Hasher::memory(self.argon.params(), &mut self.memory);
         self.argon
             .hash_password_into_with_memory(pwd, &salt, &mut out, memory)
             .map_err(|e| e.to_string())?;
         let phc = PasswordHash {
             algorithm: Algorithm::Argon2id.ident(),
             version: Some(Version::V0x13.into()),
-            params: ParamsString::try_from(&self.params).map_err(|e| e.to_string())?,
+            params: ParamsString::try_from(self.argon.params()).map_err(|e| e.to_string())?,
             salt: Some(Salt::new(&salt).map_err(|e| e.to_string())?),
             hash: Some(Output::new(&out).map_err(|e| e.to_string())?),
         };
@@ -179,8 +179,8 @@ impl Hasher {
         let out = buf
             .get_mut(..expected.len())
             .ok_or("stored hash too long")?;
-        let done = if params.block_count() <= self.params.block_count() {
-            let memory = Hasher::memory(&self.params, &mut self.memory);
+        let done = if params.block_count() <= self.argon.params().block_count() {
+            let memory = Hasher::memory(self.argon.params(), &mut self.memory);
             argon.hash_password_into_with_memory(pwd, salt.as_ref(), out, memory)
         } else {
             // Stored with more memory than we hash with now: a one-off allocation.
